@@ -1,0 +1,246 @@
+"""The agent: wires identity, the libp2p host, discovery, membership and HTTP into one trio nursery."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+
+import multiaddr
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from p2pinfer import __version__
+from p2pinfer.api.app import build_app
+from p2pinfer.config import ConfigError, Settings, is_loopback_host
+from p2pinfer.device import measure_compute, memory_info
+from p2pinfer.identity import (
+    IdentityError,
+    JoinToken,
+    load_or_create_identity,
+    load_or_create_secret,
+    store_secret,
+)
+from p2pinfer.membership import TOPIC, Membership
+from p2pinfer.net.addrs import AddressError, advertised_addrs, parse_multiaddr, parse_peer_addr
+from p2pinfer.net.dialer import Dialer
+from p2pinfer.net.gossip import Gossip
+from p2pinfer.net.host import build_host
+from p2pinfer.net.mdns import MdnsDiscovery
+
+log = logging.getLogger("p2pinfer.agent")
+
+STATE_FILE = "state.json"
+
+
+def _read_state(data_dir: Path) -> dict:
+    try:
+        return json.loads((data_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _bind_http(host: str, port: int) -> int:
+    """Check the HTTP port now, so a busy port is one clear sentence at start-up; 0 picks a free one."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            return s.getsockname()[1]
+    except OSError as e:
+        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {e.strerror or e}") from e
+
+
+def _listen_addrs(settings: Settings, state: dict) -> list[multiaddr.Multiaddr]:
+    """Parse --listen; a wildcard port reuses last run's port when it is still free."""
+    out = []
+    for text in settings.listen:
+        try:
+            ma = parse_multiaddr(text)
+            host, port = ma.value_for_protocol("ip4"), int(ma.value_for_protocol("tcp"))
+        except AddressError as e:
+            raise ConfigError(str(e)) from e
+        except Exception as e:
+            raise ConfigError(f"--listen {text!r} must be /ip4/HOST/tcp/PORT") from e
+        if port == 0 and (old := state.get("p2p_port")) and _port_free(host, int(old)):
+            port = int(old)
+        elif port and not _port_free(host, port):
+            raise ConfigError(f"cannot listen on {host}:{port}: the port is in use")
+        out.append(multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}"))
+    return out
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = time.monotonic()
+        s = settings
+        try:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create data dir {s.data_dir}: {e.strerror}") from e
+        try:
+            self.identity = load_or_create_identity(s.data_dir)
+            self.bootstrap = list(s.bootstrap)
+            if s.join:
+                token = JoinToken.decode(s.join)
+                self.secret = token.secret
+                store_secret(s.data_dir, token.secret)
+                self.bootstrap += list(token.addrs)
+            else:
+                self.secret = load_or_create_secret(s.data_dir, s.cluster_secret_file)
+        except IdentityError as e:
+            raise ConfigError(str(e)) from e
+        self.api_key = None
+        if s.api_key_file is not None:
+            try:
+                self.api_key = s.api_key_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"cannot read --api-key-file {s.api_key_file}: {e.strerror}") from e
+            if not self.api_key:
+                raise ConfigError(f"--api-key-file {s.api_key_file} is empty")
+        self.bootstrap_infos = []
+        for text in self.bootstrap:
+            try:
+                self.bootstrap_infos.append(parse_peer_addr(text))
+            except AddressError as e:
+                log.warning("ignoring bootstrap address: %s", e)
+        self.peer_id = self.identity.peer_id.to_base58()
+        self.state = _read_state(s.data_dir)
+        self.listen = _listen_addrs(s, self.state)
+        self.http_port = _bind_http(s.http_host, s.http_port)
+        self.memory_total, _ = memory_info()
+        self.compute = measure_compute() if s.compute else 0.0
+        self.host = build_host(self.identity.key_pair, self.secret, self.listen)
+        self.dialer = Dialer(self.host)
+        self.membership = Membership(
+            self.identity,
+            self.secret,
+            lambda validator: Gossip(self.host, TOPIC, validator),
+            self.dialer,
+            self.describe,
+            s.peer_ttl,
+        )
+        self._addrs: list[str] = []
+        self._stopping = False
+
+    # --- what we tell the cluster ------------------------------------------
+    def memory_offer(self) -> int:
+        if not self.settings.compute:
+            return 0
+        _, available = memory_info()
+        limit = self.settings.memory_limit
+        return available if limit is None else min(available, limit)
+
+    def describe(self) -> dict:
+        return {
+            "addrs": tuple(self._addrs),
+            "http_port": self.http_port,
+            "version": __version__,
+            "memory_total": self.memory_total,
+            "memory_free": self.memory_offer(),
+            "compute": self.compute,
+            "backend": "tinygrad",
+            "can_compute": self.settings.compute,
+        }
+
+    # --- what the HTTP app asks --------------------------------------------
+    def listen_addrs(self) -> list[str]:
+        return list(self._addrs)
+
+    def status(self) -> str:
+        return "stopping" if self._stopping else "ok"
+
+    def cluster_snapshot(self) -> dict:
+        return {"self": self.peer_id, "peers": self.membership.snapshot()}
+
+    # --- lifecycle ---------------------------------------------------------
+    def _save_state(self) -> None:
+        ports = [a.value_for_protocol("tcp") for a in self.host.get_transport_addrs()]
+        state = {
+            "peer_id": self.peer_id,
+            "addrs": self._addrs,
+            "p2p_port": int(ports[0]) if ports else 0,
+            "http": f"{self.settings.http_host}:{self.http_port}",
+        }
+        try:
+            (self.settings.data_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+        except OSError as e:
+            log.warning("cannot write %s: %s", STATE_FILE, e)
+
+    def http_routes(self) -> list:
+        return []
+
+    async def _serve_http(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        config = HypercornConfig()
+        config.bind = [f"{self.settings.http_host}:{self.http_port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.graceful_timeout = 1.0
+        app = build_app(self, self.api_key, self.http_routes())
+        await hypercorn_serve(app, config, task_status=task_status)
+
+    async def _on_mdns_peer(self, peer: str, addrs: list[str]) -> None:
+        for a in addrs:
+            try:
+                info = parse_peer_addr(a)
+            except AddressError:
+                continue
+            self.dialer.want(info, "mdns")
+
+    async def _watch_signals(self, cancel: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s: leaving the cluster", signal.Signals(signum).name)
+                self._stopping = True
+                await self.membership.leave()
+                cancel.cancel()
+                return
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            async with self.host.run(self.listen):
+                self._addrs = advertised_addrs(list(self.host.get_transport_addrs()), self.identity.peer_id)
+                self._save_state()
+                await nursery.start(self.membership.run)
+                nursery.start_soon(self.dialer.run)
+                for info in self.bootstrap_infos:
+                    self.dialer.want(info, "bootstrap", persistent=True)
+                if self.settings.mdns:
+                    port = int(self.host.get_transport_addrs()[0].value_for_protocol("tcp"))
+                    ips = sorted({a.split("/")[2] for a in self._addrs})
+                    mdns = MdnsDiscovery(
+                        self.peer_id,
+                        port,
+                        ips,
+                        self.secret,
+                        lambda p, a: nursery.start_soon(self._on_mdns_peer, p, a),
+                    )
+                    nursery.start_soon(mdns.run)
+                await nursery.start(self._serve_http)
+                log.info(
+                    "agent %s up: p2p %s, http http://%s:%d",
+                    self.peer_id,
+                    ", ".join(self._addrs),
+                    self.settings.http_host,
+                    self.http_port,
+                )
+                if not is_loopback_host(self.settings.http_host):
+                    log.info("HTTP is bound beyond loopback: every request needs the API key")
+                await trio.sleep_forever()

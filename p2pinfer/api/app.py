@@ -1,0 +1,91 @@
+"""The ASGI app every peer serves: health, the cluster view, and (from serve/) the OpenAI routes."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Protocol
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from p2pinfer import __version__
+
+
+class AgentInfo(Protocol):
+    peer_id: str
+    started_at: float
+
+    def listen_addrs(self) -> list[str]: ...
+    def cluster_snapshot(self) -> dict: ...
+    def status(self) -> str: ...
+
+
+def openai_error(
+    status: int, message: str, type_: str, code: str | None = None, headers=None
+) -> JSONResponse:
+    """OpenAI's error body shape, so the official clients raise the right exception class."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ApiKeyMiddleware:
+    """Bearer check on every route when a key is set (the agent sets one whenever it binds beyond loopback)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.api_key is not None:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                resp = openai_error(
+                    401,
+                    "Invalid or missing API key (send Authorization: Bearer KEY).",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(agent: AgentInfo, api_key: str | None, extra_routes: list[BaseRoute] = ()) -> Starlette:
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": agent.status(),
+                "peer_id": agent.peer_id,
+                "version": __version__,
+                "uptime": round(time.monotonic() - agent.started_at, 1),
+                "listen_addrs": agent.listen_addrs(),
+            }
+        )
+
+    async def cluster(request: Request) -> JSONResponse:
+        return JSONResponse(agent.cluster_snapshot())
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return openai_error(exc.status_code, str(exc.detail), kind)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return openai_error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    routes = [
+        Route("/health", health),
+        Route("/v1/cluster", cluster),
+        *extra_routes,
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(ApiKeyMiddleware, api_key=api_key)],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )

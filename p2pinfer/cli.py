@@ -1,0 +1,132 @@
+"""Command line: parse arguments, then hand over to the agent or a small command. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from p2pinfer import __version__
+from p2pinfer.config import ConfigError, load_settings
+
+log = logging.getLogger("p2pinfer")
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the agent on this device", argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    p.add_argument(
+        "--data-dir", type=Path, help="key, cluster secret and state (default ~/.local/share/p2pinfer)"
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="p2p listen address, repeatable (default /ip4/0.0.0.0/tcp/0)",
+    )
+    p.add_argument("--http-host", help="HTTP bind host (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (default 52415)")
+    p.add_argument("--api-key-file", type=Path, help="file holding the API key (required beyond loopback)")
+    p.add_argument("--cluster-secret-file", type=Path, help="file holding the cluster secret (64 hex chars)")
+    p.add_argument("--join", metavar="TOKEN", help="join the cluster of a `p2pinfer invite` token")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to dial, repeatable")
+    p.add_argument("--no-mdns", dest="mdns", action="store_false", help="no mDNS discovery on the LAN")
+    p.add_argument(
+        "--peer-ttl", type=float, help="seconds of silence before a peer leaves the view (default 6)"
+    )
+    p.add_argument("--memory-limit", help="cap on the memory offered to the cluster, e.g. 4G, 512M")
+    p.add_argument(
+        "--no-compute",
+        dest="compute",
+        action="store_false",
+        help="gateway only: serve the API, hold no layers",
+    )
+    p.add_argument(
+        "--models-dir",
+        dest="models_dirs",
+        action="append",
+        type=Path,
+        help="directory scanned for GGUF files and HF model directories, repeatable",
+    )
+    p.add_argument("--model", help="default model (default smollm2-135m)")
+    p.add_argument("--max-requests", type=int, help="requests served at once before 429 (default 8)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pinfer", description="Pool the devices on a network into one LLM server."
+    )
+    parser.add_argument("--version", action="version", version=f"p2pinfer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    for name, text in (
+        ("id", "print this device's peer id"),
+        ("invite", "print a join token for another device"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--data-dir", type=Path)
+        if name == "invite":
+            p.add_argument("--cluster-secret-file", type=Path)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from p2pinfer.agent import Agent
+    from p2pinfer.logs import setup_logging
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    settings = load_settings(overrides, getattr(args, "config", None))
+    setup_logging(settings.log_level)
+    agent = Agent(settings)
+    trio.run(agent.run)
+    log.info("agent stopped")
+    return 0
+
+
+def _data_dir(args) -> Path:
+    return load_settings({"data_dir": args.data_dir} if args.data_dir else {}).data_dir
+
+
+def _cmd_id(args: argparse.Namespace) -> int:
+    from p2pinfer.identity import load_or_create_identity
+
+    print(load_or_create_identity(_data_dir(args)).peer_id)
+    return 0
+
+
+def _cmd_invite(args: argparse.Namespace) -> int:
+    from p2pinfer.agent import STATE_FILE
+    from p2pinfer.identity import JoinToken, load_or_create_secret
+
+    data_dir = _data_dir(args)
+    secret = load_or_create_secret(data_dir, args.cluster_secret_file)
+    try:
+        addrs = json.loads((data_dir / STATE_FILE).read_text())["addrs"]
+    except (OSError, ValueError, KeyError):
+        addrs = []
+    if not addrs:
+        print(
+            "note: no running agent has recorded its addresses in this data dir yet; "
+            "start `p2pinfer run` first for a token that also finds this peer",
+            file=sys.stderr,
+        )
+    print(JoinToken(secret, tuple(addrs)).encode())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from p2pinfer.identity import IdentityError
+
+    try:
+        return {"run": _cmd_run, "id": _cmd_id, "invite": _cmd_invite}[args.command](args)
+    except (ConfigError, IdentityError) as e:
+        print(f"p2pinfer: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,125 @@
+"""One Settings object: defaults < config file (TOML) < environment (P2PINFER_*) < flags."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_HTTP_PORT = 52415
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message is one sentence for the user."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "p2pinfer"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(text: str | int) -> int:
+    """'4G', '512M', '1.5GiB' or plain bytes; binary units, as RAM is counted."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"not a size: {text!r} (use e.g. 4G, 512M or bytes)")
+    n, unit = float(m.group(1)), m.group(2).lower()
+    return int(n * 1024 ** " kmgt".index(unit or " "))
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    api_key_file: Path | None = None
+    cluster_secret_file: Path | None = None
+    join: str | None = None
+    bootstrap: list[str] = field(default_factory=list)
+    mdns: bool = True
+    peer_ttl: float = 6.0
+    memory_limit: int | None = None
+    compute: bool = True
+    models_dirs: list[Path] = field(default_factory=list)
+    model: str = DEFAULT_MODEL
+    max_requests: int = 8
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.peer_ttl <= 0:
+            raise ConfigError("--peer-ttl must be positive")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"--http-port {self.http_port} is not a TCP port")
+        if not is_loopback_host(self.http_host) and self.api_key_file is None:
+            raise ConfigError(
+                f"--http-host {self.http_host} is reachable beyond this machine: give --api-key-file "
+                "so the endpoint is not an open door"
+            )
+        if self.max_requests < 1:
+            raise ConfigError("--max-requests must be at least 1")
+
+
+_PATHS = {"data_dir", "api_key_file", "cluster_secret_file"}
+_LISTS = {"listen", "bootstrap", "models_dirs"}
+
+
+def _coerce(name: str, value):
+    if name in _PATHS:
+        return Path(value).expanduser() if value not in (None, "") else None
+    if name == "models_dirs":
+        return [Path(v).expanduser() for v in value]
+    if name == "memory_limit":
+        return parse_size(value) if value not in (None, "") else None
+    if name == "http_port":
+        return int(value)
+    if name == "peer_ttl":
+        return float(value)
+    if name == "max_requests":
+        return int(value)
+    if name in ("mdns", "compute") and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def load_settings(overrides: dict, config_file: Path | None = None, env=os.environ) -> Settings:
+    """Build Settings from the layers; `overrides` holds only the flags the user actually gave."""
+    s = Settings()
+    names = {f.name for f in fields(Settings)}
+    layers: list[dict] = []
+    if config_file is not None:
+        try:
+            layers.append({k.replace("-", "_"): v for k, v in tomllib.loads(config_file.read_text()).items()})
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {e}") from e
+        unknown = set(layers[0]) - names
+        if unknown:
+            raise ConfigError(f"config file {config_file} has unknown settings: {', '.join(sorted(unknown))}")
+    envs = {}
+    for name in names:
+        v = env.get("P2PINFER_" + name.upper())
+        if v is not None:
+            envs[name] = v.split(",") if name in _LISTS else v
+    layers += [envs, overrides]
+    try:
+        for layer in layers:
+            for k, v in layer.items():
+                setattr(s, k, _coerce(k, v))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad setting: {e}") from e
+    s.validate()
+    return s

@@ -1,0 +1,103 @@
+"""Keeps dialling the peers we should be connected to, with exponential backoff.
+
+Targets come from --bootstrap (kept forever), mDNS and gossip (kept while the peer is believed
+alive). A failing target logs once when it starts failing and once when it recovers, not on every
+retry: a departed peer must not fill the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+log = logging.getLogger("p2pinfer.dialer")
+
+MIN_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+DIAL_TIMEOUT = 6.0
+
+
+@dataclass
+class Target:
+    info: PeerInfo
+    source: str  # "bootstrap", "mdns" or "gossip"
+    persistent: bool
+    next_try: float = 0.0
+    backoff: float = MIN_BACKOFF
+    failures: int = 0
+    dialling: bool = field(default=False)
+
+
+class Dialer:
+    def __init__(self, host: IHost) -> None:
+        self.host = host
+        self._targets: dict[ID, Target] = {}
+        self._wake = trio.Event()
+
+    def is_connected(self, peer: ID) -> bool:
+        return bool(self.host.get_network().get_connections(peer))
+
+    def connected_peers(self) -> set[str]:
+        return {str(p) for p in self.host.get_network().connections}
+
+    def want(self, info: PeerInfo, source: str, persistent: bool = False) -> None:
+        """Ask to be connected to `info`; new addresses replace old ones for the same peer."""
+        if info.peer_id == self.host.get_id():
+            return
+        t = self._targets.get(info.peer_id)
+        if t is None:
+            self._targets[info.peer_id] = Target(info, source, persistent)
+            self._wake.set()
+        else:
+            t.persistent = t.persistent or persistent
+            if set(map(str, info.addrs)) - set(map(str, t.info.addrs)):
+                t.info = PeerInfo(
+                    info.peer_id, list({str(a): a for a in [*info.addrs, *t.info.addrs]}.values())
+                )
+                t.next_try = 0.0
+                self._wake.set()
+
+    def forget(self, peer: ID) -> None:
+        t = self._targets.get(peer)
+        if t is not None and not t.persistent:
+            del self._targets[peer]
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                for t in list(self._targets.values()):
+                    if not t.dialling and now >= t.next_try and not self.is_connected(t.info.peer_id):
+                        t.dialling = True
+                        nursery.start_soon(self._dial, t)
+                self._wake = trio.Event()
+                with trio.move_on_after(0.5):
+                    await self._wake.wait()
+
+    async def _dial(self, t: Target) -> None:
+        peer = t.info.peer_id
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                await self.host.connect(t.info)
+        except Exception as e:  # every dial failure is expected churn, never fatal
+            t.failures += 1
+            jitter = random.uniform(0.8, 1.2)
+            t.next_try = trio.current_time() + t.backoff * jitter
+            t.backoff = min(MAX_BACKOFF, t.backoff * 2)
+            level = logging.INFO if t.failures == 1 else logging.DEBUG
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            log.log(level, "cannot reach %s peer %s: %s (retrying with backoff)", t.source, peer, reason)
+        else:
+            if t.failures:
+                log.info("reached %s peer %s after %d failed attempts", t.source, peer, t.failures)
+            else:
+                log.debug("connected to %s peer %s", t.source, peer)
+            t.failures, t.backoff, t.next_try = 0, MIN_BACKOFF, 0.0
+        finally:
+            t.dialling = False

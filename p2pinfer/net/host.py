@@ -1,0 +1,66 @@
+"""The libp2p host: TCP, Noise with cluster admission, yamux, one connection per peer. Nothing else.
+
+py-libp2p 0.8.1's defaults also offer TLS, secio and plaintext, and mplex; we set every option
+explicitly so that no weaker or slower choice can be negotiated.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from p2pinfer.net.admission import AdmittingNoiseTransport
+
+log = logging.getLogger("p2pinfer.net")
+
+
+def connection_config() -> ConnectionConfig:
+    # min_connections/low_watermark 0: the auto-connector would otherwise redial departed peers forever
+    # (logging each failure at ERROR); discovery does our dialling, with backoff.
+    return ConnectionConfig(
+        min_connections=0,
+        low_watermark=0,
+        max_connections_per_peer=1,
+        dial_timeout=5.0,
+        inbound_upgrade_timeout=5.0,
+        outbound_upgrade_timeout=5.0,
+    )
+
+
+def build_host(key_pair: KeyPair, cluster_secret: bytes, listen: list[multiaddr.Multiaddr]) -> IHost:
+    noise = AdmittingNoiseTransport(
+        key_pair,
+        noise_privkey=create_x25519_key_pair().private_key,
+        cluster_secret=cluster_secret,
+    )
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=listen,
+        connection_config=connection_config(),
+        enable_mDNS=False,  # ours runs on zeroconf, handed to trio properly
+        enable_tcp=True,
+    )
+    # One attempt per dial: our dialler owns retries and backoff (new_host does not forward this).
+    swarm = host.get_network()
+    swarm.retry_config = RetryConfig(max_retries=0)
+    # The auto-connector redials every known peer forever (ERROR per failure); our Dialer does
+    # that job with backoff and forgets peers that left, so switch it off entirely.
+    swarm.auto_connector.maybe_connect = _nothing
+    swarm.auto_connector.run_background_task = _nothing
+    return host
+
+
+async def _nothing(*args, **kwargs) -> None:
+    return None
