@@ -74,7 +74,7 @@ def _listen_addrs(settings: Settings, state: dict) -> list[multiaddr.Multiaddr]:
             ma = parse_multiaddr(text)
             host, port = ma.value_for_protocol("ip4"), int(ma.value_for_protocol("tcp"))
         except AddressError as e:
-            raise ConfigError(str(e)) from e
+            raise ConfigError(f"--listen: {e}") from e
         except Exception as e:
             raise ConfigError(f"--listen {text!r} must be /ip4/HOST/tcp/PORT") from e
         if port == 0 and (old := state.get("p2p_port")) and _port_free(host, int(old)):
