@@ -1,0 +1,48 @@
+"""Choose tinygrad's CPU backend before tinygrad is imported (it reads DEV once, at import).
+
+Agents are started by users without env vars, so the engine picks the fastest backend that works here:
+LLVM (libLLVM >= 16; Debian's 14/15 miscompile or fail), else clang, else tinygrad's own x86 emitter,
+which needs no external tool. An explicit DEV in the environment always wins.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import re
+import shutil
+import sys
+
+_LLVM_NAMES = ("LLVM", "LLVM-21", "LLVM-20", "LLVM-19", "LLVM-18", "LLVM-17", "LLVM-16", "LLVM-15", "LLVM-14")
+
+
+def _first_llvm_major() -> int | None:
+    """Major version of the libLLVM tinygrad would load (it takes the first name that resolves)."""
+    for name in _LLVM_NAMES:
+        found = ctypes.util.find_library(name)
+        if found:
+            m = re.search(r"LLVM-?(\d+)|\.so\.(\d+)", found)
+            return int(next(g for g in m.groups() if g)) if m else None
+    return None
+
+
+def pick_default_device() -> str:
+    major = _first_llvm_major()
+    if major is not None and major >= 16:
+        return "CPU:LLVM"
+    if shutil.which("clang"):
+        return "CPU"
+    return "CPU:X86"
+
+
+def configure_tinygrad_device() -> str:
+    """Set DEV (if unset) and return it; warns when tinygrad was imported first and DEV can't apply."""
+    if "DEV" not in os.environ:
+        os.environ["DEV"] = pick_default_device()
+        if "tinygrad" in sys.modules:
+            import warnings
+
+            warnings.warn(
+                "tinygrad was imported before p2pinfer.engine; its device choice stays default", stacklevel=2
+            )
+    return os.environ["DEV"]

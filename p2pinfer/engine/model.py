@@ -1,0 +1,129 @@
+"""The llama-family transformer math in tinygrad, for a contiguous range of layers.
+
+Everything here runs inside TinyJit captures, so the per-session state (the KV cache of each layer,
+the start position) arrives as JIT inputs: one captured graph serves every session on the shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes
+
+from .model_config import ModelConfig
+
+# Canonical per-layer tensor names used by every loader (HF layout: Linear weights are (out, in)).
+LAYER_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def rope_tables(cfg: ModelConfig, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (n_positions, head_dim/2) in float32, computed the way HF does (f32 inv_freq)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    sc = cfg.rope_scaling
+    if sc is not None and sc.kind == "linear":
+        inv_freq = inv_freq / np.float32(sc.factor)
+    elif sc is not None and sc.kind == "llama3":
+        # Llama 3.1 frequency-dependent scaling (transformers' _compute_llama3_parameters)
+        low_wavelen = sc.original_context_length / sc.low_freq_factor
+        high_wavelen = sc.original_context_length / sc.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+        smooth = (sc.original_context_length / wavelen - sc.low_freq_factor) / (
+            sc.high_freq_factor - sc.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    freqs = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * weight
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (heads, T, head_dim), rotate-half layout (HF); cos/sin: (T, head_dim/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+def transformer_block(
+    cfg: ModelConfig,
+    w: dict[str, Tensor],
+    x: Tensor,
+    cache: Tensor,
+    start_pos: int | UOp,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """One decoder layer on x (T, hidden); cache is this layer's (2, n_kv, capacity, head_dim) KV buffer."""
+    T = x.shape[0]
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h = rms_norm(x, w["attn_norm"], cfg.rms_eps)
+    q = linear(h, w["q"], w.get("q_bias")).reshape(T, H, hd)
+    k = linear(h, w["k"], w.get("k_bias")).reshape(T, KV, hd)
+    v = linear(h, w["v"], w.get("v_bias")).reshape(T, KV, hd)
+    if cfg.qk_norm:  # qwen3 normalises each head before rotary
+        q, k = rms_norm(q, w["q_norm"], cfg.rms_eps), rms_norm(k, w["k_norm"], cfg.rms_eps)
+    q = apply_rope(q.transpose(0, 1), cos, sin)  # (H, T, hd)
+    k = apply_rope(k.transpose(0, 1), cos, sin)  # (KV, T, hd)
+    v = v.transpose(0, 1)
+
+    # write this chunk's K/V at [start_pos, start_pos+T) and read back everything up to it
+    store = cache[:, :, start_pos : start_pos + T, :].uop.store(Tensor.stack(k, v).cast(cache.dtype).uop)
+    kv = Tensor(cache.uop.after(store))
+    keys, values = kv[0, :, 0 : start_pos + T, :], kv[1, :, 0 : start_pos + T, :]
+    if keys.dtype != dtypes.float32:
+        keys, values = keys.float(), values.float()
+
+    # grouped-query attention without repeating K/V: query heads of a group share one KV head
+    group = H // KV
+    scores = (q.reshape(KV, group * T, hd) @ keys.transpose(1, 2)) * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        scores = (scores.reshape(KV, group, T, -1) + mask).reshape(KV, group * T, -1)
+    attn = (scores.softmax(-1) @ values).reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
+    x = x + linear(attn, w["o"])
+
+    h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
+    ff = linear(linear(h, w["gate"]).silu() * linear(h, w["up"]), w["down"])
+    return (x + ff).contiguous()
+
+
+class LayerStack:
+    """The shard's layers (+ final norm and LM head on the last shard) as one pure function of its inputs."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: list[dict[str, Tensor]],
+        final_norm: Tensor | None,
+        lm_head: Tensor | None,
+        rope_positions: int,
+    ):
+        self.cfg, self.layers, self.final_norm, self.lm_head = cfg, layers, final_norm, lm_head
+        cos, sin = rope_tables(cfg, rope_positions)
+        self.cos, self.sin = Tensor(cos).realize(), Tensor(sin).realize()
+
+    def __call__(self, x: Tensor, start_pos: int | UOp, last_row: int | UOp, *caches: Tensor) -> Tensor:
+        """x (T, hidden) float32 -> hidden (T, hidden), or logits (vocab,) of row `last_row` on the last shard."""
+        T = x.shape[0]
+        cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
+        # causal mask "lower right": row i sees positions <= start_pos + i (rows past the real chunk are padding)
+        mask = None if T == 1 else Tensor.full((T, start_pos + T), float("-inf")).triu(start_pos + 1)
+        for w, cache in zip(self.layers, caches, strict=True):
+            x = transformer_block(self.cfg, w, x, cache, start_pos, cos, sin, mask)
+        if self.lm_head is None:
+            return x
+        last = x if T == 1 else x[last_row : last_row + 1]
+        return linear(rms_norm(last, self.final_norm, self.cfg.rms_eps), self.lm_head).reshape(-1)
