@@ -198,7 +198,9 @@ done
 
 find_python() {
 	local c
-	for c in ${python:+"$python"} python3.13 python3.12 python3.11 python3; do
+	local candidates=(python3.13 python3.12 python3.11 python3)
+	[[ -n $python ]] && candidates=("$python") # an explicit choice is never second-guessed
+	for c in "${candidates[@]}"; do
 		if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
 			command -v "$c"
 			return 0
@@ -206,7 +208,7 @@ find_python() {
 	done
 	return 1
 }
-if [[ -x $venv/bin/python ]] && "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+if [[ -z $python && -x $venv/bin/python ]] && "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
 	py=$venv/bin/python
 else
 	py=$(find_python) || die "no Python >= 3.11 found${python:+ (tried --python $python)}: install python3 (3.11 or newer) with its venv module, e.g. apt-get install python3 python3-venv"
@@ -271,7 +273,7 @@ else
 		[[ $system_site == 1 ]] && venv_args+=(--system-site-packages)
 		"$py" -m venv "${venv_args[@]}" "$venv" || die "could not create a virtual environment with $py (Debian/Ubuntu: apt-get install python3-venv)"
 	fi
-	pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input install)
+	pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input install -q)
 
 	pip_failed() {
 		local index=${PIP_INDEX_URL:-https://pypi.org/simple}
