@@ -196,3 +196,27 @@ def test_rendered_unit_verifies_and_is_hardened(tmp_path, body):
     verify_unit(unit)
     score = exposure(unit)
     assert score <= MAX_EXPOSURE, f"exposure {score} > {MAX_EXPOSURE}"
+
+
+def test_module_hardening_matches_install_sh_unit(tmp_path):
+    """The NixOS unit and the unit install.sh writes carry the same hardening settings."""
+    template = (REPO / "bootstrap/p2pinfer.service.in").read_text()
+    block = template.split("# Hardening", 1)[1].split("[Install]", 1)[0]
+    wanted: dict[str, list[str]] = {}
+    for line in block.splitlines()[1:]:
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            wanted.setdefault(key, []).append(value)
+    assert len(wanted) >= 25
+
+    sc = eval_module_ok(tmp_path, config(tmp_path, ""))["service"]["serviceConfig"]
+
+    def norm(v) -> list[str]:
+        vals = v if isinstance(v, list) else [v]
+        return [{True: "yes", False: "no"}.get(x, x) if isinstance(x, bool) else str(x) for x in vals]
+
+    for key, values in wanted.items():
+        have = norm(sc.get(key, []))
+        if key == "RestrictAddressFamilies":
+            have = [" ".join(have)]
+        assert have == values, f"{key}: module {have} != install.sh unit {values}"
