@@ -6,6 +6,7 @@ module system) unless NIXPKGS_LIB names a real nixpkgs lib directory.
 
 from __future__ import annotations
 
+import json
 import shlex
 import stat
 from pathlib import Path
@@ -220,3 +221,34 @@ def test_module_hardening_matches_install_sh_unit(tmp_path):
         if key == "RestrictAddressFamilies":
             have = [" ".join(have)]
         assert have == values, f"{key}: module {have} != install.sh unit {values}"
+
+
+def test_flake_outputs(tmp_path):
+    """The flake's outputs, with a stand-in nixpkgs: every output the issue asks for is there."""
+    expr = f"""
+      let
+        flake = import {REPO}/flake.nix;
+        nixpkgs = {{
+          lib.genAttrs = names: f: builtins.listToAttrs (map (n: {{ name = n; value = f n; }}) names);
+          legacyPackages = builtins.listToAttrs (map (s: {{ name = s; value = {{ marker = s; }}; }})
+            [ "x86_64-linux" "aarch64-linux" ]);
+        }};
+        out = flake.outputs {{ self = out; inherit nixpkgs; }};
+      in {{
+        inputs = builtins.attrNames flake.inputs;
+        outputs = builtins.attrNames out;
+        packages = builtins.attrNames out.packages.x86_64-linux;
+        apps = builtins.attrNames out.apps.aarch64-linux;
+        devShells = builtins.attrNames out.devShells.x86_64-linux;
+        modules = builtins.attrNames out.nixosModules;
+      }}
+    """
+    proc = nix_instantiate(tmp_path, "--eval", "--strict", "--json", "--expr", expr)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["inputs"] == ["nixpkgs"]
+    assert {"packages", "apps", "nixosModules", "devShells"} <= set(got["outputs"])
+    assert got["packages"] == ["default", "p2pinfer"]
+    assert got["apps"] == ["default", "p2pinfer"]
+    assert got["devShells"] == ["default"]
+    assert "default" in got["modules"]
