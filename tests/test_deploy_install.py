@@ -20,7 +20,7 @@ from tests.nix.systemd_check import MAX_EXPOSURE, REPO, exposure, need, verify_u
 
 VERSION = re.search(r'__version__ = "([^"]+)"', (REPO / "p2pinfer/__init__.py").read_text()).group(1)
 SYSTEMD_BOOTED = Path("/run/systemd/system").is_dir()
-TOKEN = "p2pj1.c2VjcmV0LXRva2VuLWZvci10ZXN0cw/ip4/192.168.1.10/tcp/52416"
+TOKEN = "p2pinfer1:eyJzIjogImFiIiwgImEiOiBbIi9pcDQvMTkyLjE2OC4xLjEwL3RjcC81MjQxNiJdfQ"  # shape of `invite`
 
 
 @pytest.fixture(scope="module")
