@@ -16,6 +16,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from p2pinfer import __version__
 from p2pinfer.api.app import build_app
+from p2pinfer.api.openai import OpenAIRoutes
 from p2pinfer.config import ConfigError, Settings, is_loopback_host
 from p2pinfer.device import measure_compute, memory_info
 from p2pinfer.identity import (
@@ -31,6 +32,10 @@ from p2pinfer.net.dialer import Dialer
 from p2pinfer.net.gossip import Gossip
 from p2pinfer.net.host import build_host
 from p2pinfer.net.mdns import MdnsDiscovery
+from p2pinfer.serve.entry import EntryService
+from p2pinfer.serve.links import Linker
+from p2pinfer.serve.member import Member
+from p2pinfer.serve.shards import ShardHost
 
 log = logging.getLogger("p2pinfer.agent")
 
@@ -138,6 +143,20 @@ class Agent:
         )
         self._addrs: list[str] = []
         self._stopping = False
+        # the request path: engine-side shards and member, entry-side ring driver, OpenAI routes
+        from p2pinfer.engine import ModelCatalog
+
+        self.catalog = ModelCatalog(s.models_dirs)
+        if s.model not in {e.name for e in self.catalog.list()}:
+            log.warning("default model %s is not available here; known: %s", s.model,
+                        ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
+        self.shards = ShardHost(s.memory_limit, self.membership.poke)
+        self.member = Member(self.catalog, self.shards, self.membership.poke, can_compute=s.compute)
+        self.linker = Linker(self.host, self.peer_id, self.member.handle)
+        self.member.linker = self.linker
+        self.entry = EntryService(self.peer_id, self.catalog, self.linker, self.membership.view.records,
+                                  s.max_requests)  # fmt: skip
+        self.openai = OpenAIRoutes(self.catalog, self.entry, s.model, self.served_models)
 
     # --- what we tell the cluster ------------------------------------------
     def memory_offer(self) -> int:
@@ -145,7 +164,11 @@ class Agent:
             return 0
         _, available = memory_info()
         limit = self.settings.memory_limit
-        return available if limit is None else min(available, limit)
+        return available if limit is None else max(0, min(available, limit - self.shards.held_bytes()))
+
+    def served_models(self) -> list[str]:
+        """Every model some computing peer in the view has."""
+        return sorted({m for r in self.membership.view.records() if r.can_compute for m in r.models})
 
     def describe(self) -> dict:
         return {
@@ -157,6 +180,10 @@ class Agent:
             "compute": self.compute,
             "backend": "tinygrad",
             "can_compute": self.settings.compute,
+            "models": tuple(e.name for e in self.catalog.list()),
+            "layers": self.shards.layers(),
+            "loading": self.shards.loading(),
+            "active_requests": self.member.active_requests,
         }
 
     # --- what the HTTP app asks --------------------------------------------
@@ -167,7 +194,8 @@ class Agent:
         return "stopping" if self._stopping else "ok"
 
     def cluster_snapshot(self) -> dict:
-        return {"self": self.peer_id, "peers": self.membership.snapshot()}
+        rings = {rid: [[m.peer_id, m.start, m.end] for m in ring] for rid, ring in self.entry.rings.items()}
+        return {"self": self.peer_id, "peers": self.membership.snapshot(), "rings": rings}
 
     # --- lifecycle ---------------------------------------------------------
     def _save_state(self) -> None:
@@ -184,7 +212,7 @@ class Agent:
             log.warning("cannot write %s: %s", STATE_FILE, e)
 
     def http_routes(self) -> list:
-        return []
+        return self.openai.routes()
 
     async def _serve_http(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         config = HypercornConfig()

@@ -1,0 +1,256 @@
+"""The entry side of a request: elect a ring, open it, stream tokens out, replay on a member's loss.
+
+Runs on whichever peer the client called. Tokens are handed to the caller through a memory
+channel, so the HTTP handler consumes at its own pace and leaving early (client gone, stop
+string) cancels the ring, which makes every member free its KV session.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from p2pinfer.cluster.record import PeerRecord
+from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, elect_ring
+from p2pinfer.engine import ModelCatalog, ModelEntry
+from p2pinfer.serve import protocol as P
+from p2pinfer.serve.links import Link, LinkClosed, Linker
+
+log = logging.getLogger("p2pinfer.entry")
+
+READY_TIMEOUT = 300.0  # a member may load and compile its shard first
+FIRST_TOKEN_TIMEOUT = 120.0
+TOKEN_TIMEOUT = 30.0
+MAX_REPLAYS = 3
+KV_HEADROOM_TOKENS = 2048  # KV each member must have room for, on top of its weights
+
+
+class RequestError(Exception):
+    """A request that cannot be served; carries the HTTP status the API should answer with."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class MemberFailed(Exception):
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"member {peer} failed: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Generation:
+    model: str
+    prompt: list[int]
+    max_new: int
+    sampling: dict  # temperature, top_p, top_k, seed
+    stop_ids: tuple[int, ...]
+
+
+@dataclass
+class Event:
+    kind: str  # "token", "done", "error"
+    token: int = 0
+    reason: str = ""
+    error: RequestError | None = None
+
+
+def model_needs(entry: ModelEntry) -> ModelNeeds:
+    return ModelNeeds(
+        name=entry.name,
+        n_layers=entry.n_layers,
+        layer_bytes=entry.layer_bytes,
+        embed_bytes=entry.embed_bytes,
+        head_bytes=entry.head_bytes,
+        kv_bytes_per_token_per_layer=entry.kv_bytes_per_token_per_layer,
+        context_tokens=min(entry.context_length, KV_HEADROOM_TOKENS),
+    )
+
+
+def candidates_for(records: list[PeerRecord], entry: ModelEntry) -> list[Candidate]:
+    """Peers that compute and have the model's file; layers they hold warm count as free for it."""
+    out = []
+    for r in records:
+        if not r.can_compute or entry.name not in r.models or r.leave:
+            continue
+        warm = tuple(x for x in r.layers if x[0] == entry.name)
+        warm_bytes = sum(entry.shard_bytes(s, e) for _, s, e in warm if 0 <= s < e <= entry.n_layers)
+        out.append(Candidate(r.peer_id, r.memory_free + warm_bytes, r.active_requests, r.compute, warm))
+    return out
+
+
+class EntryService:
+    def __init__(self, self_id: str, catalog: ModelCatalog, linker: Linker,
+                 records: Callable[[], list[PeerRecord]], max_requests: int) -> None:  # fmt: skip
+        self.self_id = self_id
+        self.catalog = catalog
+        self.linker = linker
+        self.records = records
+        self.max_requests = max_requests
+        self.active = 0
+        self.rings: dict[str, list[RingMember]] = {}  # request id -> its current ring, for /v1/cluster
+
+    def elect(self, entry: ModelEntry, exclude: frozenset[str] = frozenset()) -> list[RingMember]:
+        try:
+            return elect_ring(candidates_for(self.records(), entry), model_needs(entry), exclude=exclude)
+        except ClusterTooSmall as e:
+            raise RequestError(503, str(e), retry_after=5) from e
+
+    @asynccontextmanager
+    async def generate(self, gen: Generation) -> AsyncIterator[trio.MemoryReceiveChannel]:
+        """Yield a channel of Events for `gen`; leaving the block early cancels the ring."""
+        if self.active >= self.max_requests:
+            raise RequestError(429, f"this peer is serving {self.active} requests, its limit", retry_after=1)
+        entry = self.catalog.get(gen.model)
+        self.elect(entry)  # fail fast with 503 before any streaming starts
+        tx, rx = trio.open_memory_channel[Event](1024)
+        self.active += 1
+        rid = uuid.uuid4().hex
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drive, rid, entry, gen, tx)
+                try:
+                    yield rx
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.active -= 1
+            self.rings.pop(rid, None)
+
+    async def _drive(self, rid: str, entry: ModelEntry, gen: Generation, tx: trio.MemorySendChannel) -> None:
+        """Run the request to the end, replaying on a new ring when a member is lost."""
+        generated: list[int] = []
+        excluded: set[str] = set()
+        async with tx:
+            for attempt in range(MAX_REPLAYS + 1):
+                try:
+                    ring = self.elect(entry, frozenset(excluded))
+                    self.rings[rid] = ring
+                    if attempt:
+                        log.info("request %s: replaying %d prompt + %d generated tokens on ring %s", rid[:12],
+                                 len(gen.prompt), len(generated), _ring_str(ring))  # fmt: skip
+                    reason = await self._run_ring(f"{rid}-{attempt}", entry, gen, ring, generated, tx)
+                    await tx.send(Event("done", reason=reason))
+                    return
+                except MemberFailed as e:
+                    log.warning("request %s: %s", rid[:12], e)
+                    excluded.add(e.peer)
+                except RequestError as e:
+                    await tx.send(Event("error", error=e))
+                    return
+            await tx.send(Event("error", error=RequestError(503, f"ring failed {MAX_REPLAYS + 1} times; giving up")))
+
+    async def _run_ring(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
+                        generated: list[int], tx: trio.MemorySendChannel) -> str:  # fmt: skip
+        prompt = np.array(gen.prompt + generated, dtype=np.int32)
+        max_new = gen.max_new - len(generated)
+        ring_t = tuple((m.peer_id, m.start, m.end) for m in ring)
+        async with AsyncExitStack() as stack:
+            controls: list[Link] = []
+            for m in ring:
+                try:
+                    controls.append(await stack.enter_async_context(self.linker.open(m.peer_id)))
+                except LinkClosed as e:
+                    raise MemberFailed(m.peer_id, str(e)) from e
+            for i, link in enumerate(controls):
+                req = P.OpenRequest(rid, entry.name, entry.n_layers, ring_t, i, gen.sampling, gen.stop_ids,
+                                    max_new, int(prompt.size) + max_new)  # fmt: skip
+                await self._send(link, req.to_header())
+            with trio.move_on_after(READY_TIMEOUT) as scope, first_error():
+                async with trio.open_nursery() as nursery:
+                    for link in controls:
+                        nursery.start_soon(self._expect_ready, link)
+            if scope.cancelled_caught:
+                raise RequestError(504, f"ring members not ready within {READY_TIMEOUT:.0f} s")
+            for i, link in enumerate(controls):
+                await self._send(link, {"t": P.START}, prompt if i == 0 else None)
+            return await self._collect(controls, generated, tx)
+
+    async def _send(self, link: Link, header: dict, tensor=None) -> None:
+        try:
+            await link.send(header, tensor)
+        except LinkClosed as e:
+            raise MemberFailed(link.peer, str(e)) from e
+
+    async def _expect_ready(self, link: Link) -> None:
+        try:
+            frame = await link.recv()
+        except LinkClosed as e:
+            raise MemberFailed(link.peer, str(e)) from e
+        kind = frame.header.get("t")
+        if kind == P.ERROR:
+            code, msg = int(frame.header.get("code", 500)), str(frame.header.get("msg", ""))
+            if code in (429, 503):  # busy or out of memory there: another ring may do
+                raise MemberFailed(link.peer, msg)
+            raise RequestError(code if code in (400, 404, 409) else 500, f"member {link.peer}: {msg}")
+        if kind != P.READY:
+            raise MemberFailed(link.peer, f"unexpected {kind!r} instead of ready")
+
+    async def _collect(self, controls: list[Link], generated: list[int], tx: trio.MemorySendChannel) -> str:
+        """Tokens come from the last member; any member's link dropping means that member is lost."""
+        finish: list[str] = []
+        with first_error():
+            async with trio.open_nursery() as nursery:
+                for link in controls[:-1]:
+                    nursery.start_soon(self._watch_member, link)
+                await self._receive_tokens(controls[-1], generated, tx, finish)
+                nursery.cancel_scope.cancel()
+        return finish[0]
+
+    async def _watch_member(self, link: Link) -> None:
+        try:
+            frame = await link.recv()
+        except LinkClosed as e:
+            raise MemberFailed(link.peer, str(e)) from e
+        raise MemberFailed(link.peer, f"{frame.header.get('t')}: {frame.header.get('msg')}")
+
+    async def _receive_tokens(self, link: Link, generated: list[int], tx, finish: list[str]) -> None:
+        timeout = FIRST_TOKEN_TIMEOUT
+        while True:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    frame = await link.recv()
+                except LinkClosed as e:
+                    raise MemberFailed(link.peer, str(e)) from e
+            if scope.cancelled_caught:
+                raise RequestError(504, f"ring stalled: no token for {timeout:.0f} s")
+            timeout = TOKEN_TIMEOUT
+            kind = frame.header.get("t")
+            if kind == P.TOK:
+                tok = int(frame.header["id"])
+                generated.append(tok)
+                await tx.send(Event("token", token=tok))
+            elif kind == P.DONE:
+                finish.append(str(frame.header.get("reason", "stop")))
+                return
+            else:
+                raise MemberFailed(link.peer, f"{kind}: {frame.header.get('msg')}")
+
+
+@contextmanager
+def first_error():
+    """Surface the first RequestError or MemberFailed from a nursery's exception group as itself."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        for kind in (RequestError, MemberFailed):
+            matched, _ = group.split(kind)
+            if matched is not None:
+                leaf = matched
+                while isinstance(leaf, BaseExceptionGroup):
+                    leaf = leaf.exceptions[0]
+                raise leaf from None
+        raise
+
+
+def _ring_str(ring: list[RingMember]) -> str:
+    return " -> ".join(f"{m.peer_id[-6:]}[{m.start},{m.end})" for m in ring)

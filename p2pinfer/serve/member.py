@@ -1,0 +1,255 @@
+"""The member side of a ring: receive, forward through our layers, pass on; the last member samples.
+
+A member trusts the ring in the entry's open header, not its own view, so views that differ for a
+moment cannot split a request. A request lives exactly as long as its control link: when the entry
+closes it (finished, cancelled, client gone) or dies, the member stops and frees its KV session.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from p2pinfer.engine import (
+    ContextLimitError,
+    EngineError,
+    ModelCatalog,
+    Sampler,
+    SamplingParams,
+    SessionLimitError,
+    Shard,
+    UnknownModelError,
+)
+from p2pinfer.serve import protocol as P
+from p2pinfer.serve.links import Link, LinkClosed, Linker
+from p2pinfer.serve.shards import ShardHost
+
+log = logging.getLogger("p2pinfer.member")
+
+INBOUND_TIMEOUT = 30.0  # the previous member connects right after `start`
+
+
+@dataclass
+class _Active:
+    req: P.OpenRequest
+    inbound: Link | None = None
+    inbound_ready: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Member:
+    def __init__(self, catalog: ModelCatalog, shards: ShardHost, on_change=lambda: None, can_compute=True) -> None:
+        self.catalog = catalog
+        self.can_compute = can_compute
+        self.shards = shards
+        self.linker: Linker | None = None
+        self.on_change = on_change
+        self._active: dict[str, _Active] = {}
+        self._registered: dict[str, trio.Event] = {}
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._active)
+
+    async def handle(self, link: Link) -> None:
+        """Every incoming ring link starts here; its first frame says what it is."""
+        first = await link.recv()
+        kind = first.header.get("t")
+        if kind == P.OPEN:
+            await self._serve_control(link, first.header)
+        elif kind == P.DATA:
+            await self._serve_data(link, str(first.header.get("rid", "")))
+        else:
+            log.warning("dropping ring link from %s: unexpected first frame %r", link.peer, kind)
+
+    # --- data links: hand them to the request they belong to ---------------
+    async def _serve_data(self, link: Link, rid: str) -> None:
+        with trio.move_on_after(INBOUND_TIMEOUT):
+            while rid not in self._active:
+                ev = self._registered.setdefault(rid, trio.Event())
+                await ev.wait()
+        active = self._active.get(rid)
+        if active is None or active.inbound is not None:
+            log.warning("dropping data link from %s for unknown or already linked request %s", link.peer, rid[:12])
+            return
+        active.inbound = link
+        active.inbound_ready.set()
+        await active.done.wait()  # keep the stream open while the request uses it
+
+    async def _wait_inbound(self, active: _Active) -> Link:
+        with trio.move_on_after(INBOUND_TIMEOUT):
+            await active.inbound_ready.wait()
+            return active.inbound
+        raise LinkClosed(f"previous member never connected for request {active.req.rid[:12]}")
+
+    # --- control link: the whole life of our part of a request -------------
+    async def _serve_control(self, control: Link, header: dict) -> None:
+        try:
+            req = P.OpenRequest.from_header(header)
+        except P.ProtocolError as e:
+            await control.send({"t": P.ERROR, "code": 400, "msg": str(e)})
+            return
+        if not self.can_compute:
+            await control.send({"t": P.ERROR, "code": 503, "msg": "this peer is a gateway (--no-compute)"})
+            return
+        try:
+            params = SamplingParams(**req.sampling, stop_token_ids=req.stop_ids)
+        except (TypeError, ValueError) as e:
+            await control.send({"t": P.ERROR, "code": 400, "msg": f"bad sampling parameters: {e}"})
+            return
+        if req.rid in self._active:
+            await control.send({"t": P.ERROR, "code": 409, "msg": "duplicate request id"})
+            return
+        try:
+            entry = self.catalog.get(req.model)
+        except UnknownModelError as e:
+            await control.send({"t": P.ERROR, "code": 404, "msg": str(e)})
+            return
+        if entry.n_layers != req.n_layers:
+            await control.send({"t": P.ERROR, "code": 409, "msg": f"{req.model} has {entry.n_layers} layers here"})
+            return
+        try:
+            shard = await self.shards.acquire(entry, req.start, req.end)
+        except EngineError as e:
+            await control.send({"t": P.ERROR, "code": 503, "msg": f"cannot load layers: {e}"})
+            return
+        active = _Active(req)
+        try:
+            try:
+                await self.shards.compute(shard.open_session, req.rid, req.ctx)
+            except (SessionLimitError, ContextLimitError) as e:
+                await control.send({"t": P.ERROR, "code": 429, "msg": str(e)})
+                return
+            self._active[req.rid] = active
+            self._registered.pop(req.rid, trio.Event()).set()
+            self.on_change()
+            await control.send({"t": P.READY})
+            start = await control.recv()
+            if start.header.get("t") != P.START:
+                return
+            await self._run(control, active, shard, start.tensor, params)
+        except LinkClosed as e:
+            log.debug("request %s ended: %s", req.rid[:12], e)
+        except EngineError as e:
+            log.warning("request %s failed in the engine: %s", req.rid[:12], e)
+            with trio.move_on_after(2):
+                try:
+                    await control.send({"t": P.ERROR, "code": 500, "msg": f"engine error: {e}"})
+                except LinkClosed:
+                    pass
+        finally:
+            self._active.pop(req.rid, None)
+            self._registered.pop(req.rid, None)
+            active.done.set()
+            with trio.CancelScope(shield=True):
+                await self.shards.compute(shard.close_session, req.rid)
+            self.shards.release(shard)
+            self.on_change()
+
+    async def _run(self, control: Link, active: _Active, shard: Shard, prompt: np.ndarray | None,
+                   params: SamplingParams) -> None:  # fmt: skip
+        req = active.req
+        async with trio.open_nursery() as nursery:
+
+            async def watch_control() -> None:
+                # anything further from the entry (cancel) or its loss ends our part of the request
+                try:
+                    while (await control.recv()).header.get("t") != P.CANCEL:
+                        pass
+                except LinkClosed:
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_control)
+            if len(req.ring) == 1:
+                await self._run_single(control, req, shard, prompt, params)
+            else:
+                assert self.linker is not None
+                async with self.linker.open(req.peer_after()) as out:
+                    await out.send({"t": P.DATA, "rid": req.rid})
+                    if req.is_first:
+                        await self._run_first(active, shard, prompt, out)
+                    elif req.is_last:
+                        await self._run_last(control, active, shard, out, params)
+                    else:
+                        await self._run_middle(active, shard, out)
+            nursery.cancel_scope.cancel()
+
+    def _check_prompt(self, prompt: np.ndarray | None) -> np.ndarray:
+        if prompt is None or prompt.ndim != 1 or prompt.size == 0 or prompt.dtype != np.int32:
+            raise EngineError("start frame lacks a 1-D int32 prompt")
+        return prompt
+
+    async def _run_single(self, control: Link, req: P.OpenRequest, shard: Shard, prompt, params) -> None:
+        sampler = Sampler(params)
+        logits = await self.shards.compute(shard.forward, req.rid, self._check_prompt(prompt))
+        for n in range(1, req.max_new + 1):
+            tok = sampler.sample(logits)
+            if await self._emit(control, sampler, tok, n, req.max_new):
+                return
+            logits = await self.shards.compute(shard.forward, req.rid, np.array([tok], dtype=np.int32))
+
+    async def _emit(self, control: Link, sampler: Sampler, tok: int, n: int, max_new: int) -> bool:
+        """Send a sampled token to the entry; True when the request is finished."""
+        if sampler.is_stop(tok):
+            await control.send({"t": P.DONE, "reason": "stop"})
+            return True
+        await control.send({"t": P.TOK, "id": tok})
+        if n >= max_new:
+            await control.send({"t": P.DONE, "reason": "length"})
+            return True
+        return False
+
+    async def _run_first(self, active: _Active, shard: Shard, prompt, out: Link) -> None:
+        rid, prompt = active.req.rid, self._check_prompt(prompt)
+        for lo in range(0, prompt.size, P.WIRE_PREFILL_CHUNK):
+            chunk = prompt[lo : lo + P.WIRE_PREFILL_CHUNK]
+            hidden = await self.shards.compute(shard.forward, rid, chunk)
+            await out.send({"t": P.HIDDEN, "last": lo + chunk.size >= prompt.size}, hidden)
+        inbound = await self._wait_inbound(active)
+        while True:
+            frame = await inbound.recv()
+            kind = frame.header.get("t")
+            if kind == P.DONE:
+                await out.send({"t": P.DONE})
+                return
+            if kind != P.TOK:
+                raise LinkClosed(f"unexpected frame {kind!r} on the token link")
+            tok = np.array([int(frame.header["id"])], dtype=np.int32)
+            hidden = await self.shards.compute(shard.forward, rid, tok)
+            await out.send({"t": P.HIDDEN, "last": True}, hidden)
+
+    async def _next_hidden(self, inbound: Link) -> tuple[np.ndarray, bool] | None:
+        frame = await inbound.recv()
+        kind = frame.header.get("t")
+        if kind == P.DONE:
+            return None
+        if kind != P.HIDDEN or frame.tensor is None:
+            raise LinkClosed(f"unexpected frame {kind!r} on the hidden-state link")
+        return frame.tensor, bool(frame.header.get("last"))
+
+    async def _run_middle(self, active: _Active, shard: Shard, out: Link) -> None:
+        inbound = await self._wait_inbound(active)
+        while (got := await self._next_hidden(inbound)) is not None:
+            hidden = await self.shards.compute(shard.forward, active.req.rid, got[0])
+            await out.send({"t": P.HIDDEN, "last": got[1]}, hidden)
+        await out.send({"t": P.DONE})
+
+    async def _run_last(self, control: Link, active: _Active, shard: Shard, out: Link, params) -> None:
+        req = active.req
+        sampler = Sampler(params)
+        inbound = await self._wait_inbound(active)
+        n = 0
+        while (got := await self._next_hidden(inbound)) is not None:
+            logits = await self.shards.compute(shard.forward, req.rid, got[0])
+            if not got[1]:
+                continue  # a prompt chunk before the last one: nothing to sample yet
+            n += 1
+            tok = sampler.sample(logits)
+            if await self._emit(control, sampler, tok, n, req.max_new):
+                await out.send({"t": P.DONE})
+                return
+            await out.send({"t": P.TOK, "id": tok})

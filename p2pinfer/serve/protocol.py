@@ -1,0 +1,94 @@
+"""The ring protocol's messages, in one place. Every frame header is a msgpack map with a type "t".
+
+Control link (entry -> each member, one per member per request):
+  entry -> member  open   {rid, model, n_layers, ring: [[peer, start, end]...], i, sampling, stop_ids, max_new, ctx}
+  member -> entry  ready  {} | error {code, msg}
+  entry -> member  start  {}            (index 0's start frame carries the prompt as an int32 tensor)
+  last -> entry    tok    {id}  ...  done {reason: "stop" | "length"}
+  entry -> member  cancel {}            (or simply closing the link)
+Data link (member i -> member i+1, and last -> first for the next token):
+  data {rid}  then  h {last: bool} + float32 hidden (T, H)  |  tok {id}  |  done {}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPEN, READY, START, TOK, DONE, ERROR, CANCEL, DATA, HIDDEN = (
+    "open", "ready", "start", "tok", "done", "error", "cancel", "data", "h",
+)  # fmt: skip
+
+# Prompt hidden states cross the wire in chunks of this many positions, so member i+1 computes
+# chunk n while member i computes chunk n+1 (pipelined prefill), and no frame gets huge.
+WIRE_PREFILL_CHUNK = 128
+
+
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "seed"}
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow the protocol; the link it came on is dropped."""
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    rid: str
+    model: str
+    n_layers: int
+    ring: tuple[tuple[str, int, int], ...]
+    index: int
+    sampling: dict
+    stop_ids: tuple[int, ...]
+    max_new: int
+    ctx: int
+
+    @property
+    def start(self) -> int:
+        return self.ring[self.index][1]
+
+    @property
+    def end(self) -> int:
+        return self.ring[self.index][2]
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == len(self.ring) - 1
+
+    def peer_after(self) -> str:
+        return self.ring[(self.index + 1) % len(self.ring)][0]
+
+    def to_header(self) -> dict:
+        return {
+            "t": OPEN, "rid": self.rid, "model": self.model, "n_layers": self.n_layers,
+            "ring": [list(m) for m in self.ring], "i": self.index, "sampling": self.sampling,
+            "stop_ids": list(self.stop_ids), "max_new": self.max_new, "ctx": self.ctx,
+        }  # fmt: skip
+
+    @classmethod
+    def from_header(cls, h: dict) -> OpenRequest:
+        try:
+            ring = tuple((str(p), int(s), int(e)) for p, s, e in h["ring"])
+            req = cls(
+                rid=str(h["rid"]), model=str(h["model"]), n_layers=int(h["n_layers"]), ring=ring,
+                index=int(h["i"]), sampling=dict(h["sampling"]), stop_ids=tuple(int(x) for x in h["stop_ids"]),
+                max_new=int(h["max_new"]), ctx=int(h["ctx"]),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"malformed open header: {type(e).__name__}: {e}") from e
+        unknown = set(req.sampling) - SAMPLING_KEYS
+        if unknown:
+            raise ProtocolError(f"unknown sampling fields {sorted(unknown)}")
+        if not 0 <= req.index < len(ring) or req.max_new < 1 or req.ctx < 1 or not req.rid:
+            raise ProtocolError("open header out of range")
+        expected = 0
+        for _, s, e in ring:
+            if s != expected or e <= s:
+                raise ProtocolError("ring layer ranges are not contiguous")
+            expected = e
+        if expected != req.n_layers:
+            raise ProtocolError("ring does not cover every layer")
+        return req

@@ -1,0 +1,96 @@
+"""The shards this peer holds: loaded on first use, kept warm, evicted when memory is needed.
+
+All engine calls go through `compute`, one at a time, in a worker thread: tinygrad is not
+thread-safe, and the trio tasks reading ring streams must never wait behind a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pinfer.engine import EngineError, ModelEntry, Shard
+
+log = logging.getLogger("p2pinfer.shards")
+
+ShardKey = tuple[str, int, int]  # (model, start, end)
+
+
+@dataclass
+class _Held:
+    shard: Shard
+    users: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ShardHost:
+    def __init__(self, memory_limit: int | None, on_change: Callable[[], None], max_sessions: int = 8) -> None:
+        self.memory_limit = memory_limit
+        self.on_change = on_change
+        self.max_sessions = max_sessions
+        self._held: dict[ShardKey, _Held] = {}
+        self._loading: dict[ShardKey, trio.Event] = {}
+        self._engine_lock = trio.Lock()
+
+    # --- what gossip says about us ---------------------------------------
+    def layers(self) -> tuple[ShardKey, ...]:
+        return tuple(sorted(self._held))
+
+    def loading(self) -> tuple[tuple[str, int, int, float], ...]:
+        return tuple((m, s, e, 0.0) for (m, s, e) in sorted(self._loading))
+
+    def held_bytes(self, model: str | None = None) -> int:
+        return sum(h.shard.entry.shard_bytes(s, e) for (m, s, e), h in self._held.items() if model in (None, m))
+
+    # --- engine calls ----------------------------------------------------
+    async def compute(self, fn: Callable, *args):
+        async with self._engine_lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    async def acquire(self, entry: ModelEntry, start: int, end: int) -> Shard:
+        """The shard for this range, loading it (and evicting idle ones) if needed; caller must release()."""
+        key = (entry.name, start, end)
+        while key in self._loading:  # someone else is loading it: wait, then share
+            await self._loading[key].wait()
+        held = self._held.get(key)
+        if held is None:
+            done = self._loading[key] = trio.Event()
+            self.on_change()
+            try:
+                self._evict_for(entry.shard_bytes(start, end))
+                log.info("loading %s layers [%d, %d)", entry.name, start, end)
+                t0 = time.monotonic()
+                shard = await self.compute(lambda: Shard.load(entry, start, end, max_sessions=self.max_sessions))
+                log.info("loaded %s layers [%d, %d) in %.1f s", entry.name, start, end, time.monotonic() - t0)
+                held = self._held[key] = _Held(shard)
+            finally:
+                del self._loading[key]
+                done.set()
+                self.on_change()
+        held.users += 1
+        held.last_used = time.monotonic()
+        return held.shard
+
+    def release(self, shard: Shard) -> None:
+        held = self._held.get((shard.entry.name, shard.start, shard.end))
+        if held is not None:
+            held.users = max(0, held.users - 1)
+            held.last_used = time.monotonic()
+
+    def _evict_for(self, need: int) -> None:
+        """Drop idle shards, least recently used first, until `need` more bytes fit under the limit."""
+        if self.memory_limit is None:
+            return
+        idle = sorted((h.last_used, k) for k, h in self._held.items() if h.users == 0)
+        while self.held_bytes() + need > self.memory_limit and idle:
+            _, key = idle.pop(0)
+            log.info("evicting idle shard %s layers [%d, %d) to make room", *key)
+            self._held.pop(key).shard.close()
+        if self.held_bytes() + need > self.memory_limit:
+            raise EngineError(
+                f"no memory for {need} more bytes of layers: {self.held_bytes()} of {self.memory_limit} held by busy shards"
+            )
