@@ -214,3 +214,11 @@ def test_full_install(checkout, tmp_path):
     verify_unit(units / "p2pinfer.service")
     run_install(checkout, "--prefix", str(prefix), "--unit-dir", str(units), "--uninstall")
     assert_empty(prefix, units)
+
+
+def test_install_sh_is_clean_shell():
+    script = str(REPO / "bootstrap/install.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True, text=True).returncode == 0
+    need("shellcheck", "shellcheck")
+    proc = subprocess.run(["shellcheck", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
