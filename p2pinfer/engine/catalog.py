@@ -27,11 +27,12 @@ def embedded_model_path() -> Path | None:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """Byte counts are what this engine allocates (float32 weights and KV).
+    """Byte counts are what this engine allocates (float32 weights and KV, see model_config).
 
-    head_bytes is the final norm plus the LM head. With tied embeddings the last shard still needs its
-    own copy of the matrix, so head_bytes is counted in full; shard_bytes() counts it once when the same
-    shard also holds the embedding (start == 0 and end == n_layers).
+    embed_bytes is the host-side embedding table in the file's encoding (GGUF keeps it quantized).
+    head_bytes is the final norm plus the float32 LM head: with tied embeddings the last shard still
+    holds its own copy, so it is counted in full; only when one shard holds both ends of an HF model
+    with tied weights is the matrix shared (embed_reuses_head) and counted once by shard_bytes().
     """
 
     name: str
@@ -47,7 +48,7 @@ class ModelEntry:
     head_bytes: int
     kv_bytes_per_token_per_layer: int
     eos_token_ids: tuple[int, ...]
-    tied_embeddings: bool = False
+    embed_reuses_head: bool = False
 
     def shard_bytes(self, start: int, end: int) -> int:
         if not 0 <= start < end <= self.n_layers:
@@ -57,7 +58,7 @@ class ModelEntry:
             total += self.embed_bytes
         if end == self.n_layers:
             total += self.head_bytes
-            if start == 0 and self.tied_embeddings:
+            if start == 0 and self.embed_reuses_head:
                 total -= self.embed_bytes  # one matrix serves both ends
         return total
 
@@ -72,9 +73,9 @@ class ModelEntry:
 
 
 def entry_for(
-    name: str, path: Path, fmt: str, cfg: ModelConfig, eos_token_ids: tuple[int, ...]
+    name: str, path: Path, fmt: str, cfg: ModelConfig, eos_token_ids: tuple[int, ...], embed_bytes: int
 ) -> ModelEntry:
-    embed = cfg.vocab_size * cfg.hidden_size * WEIGHT_BYTES
+    head = cfg.vocab_size * cfg.hidden_size * WEIGHT_BYTES
     return ModelEntry(
         name=name,
         path=str(path),
@@ -85,11 +86,11 @@ def entry_for(
         vocab_size=cfg.vocab_size,
         context_length=cfg.context_length,
         layer_bytes=cfg.layer_param_count() * WEIGHT_BYTES,
-        embed_bytes=embed,
-        head_bytes=embed + cfg.hidden_size * WEIGHT_BYTES,
+        embed_bytes=embed_bytes,
+        head_bytes=head + cfg.hidden_size * WEIGHT_BYTES,
         kv_bytes_per_token_per_layer=2 * cfg.kv_size * KV_BYTES,
         eos_token_ids=eos_token_ids,
-        tied_embeddings=cfg.tie_embeddings,
+        embed_reuses_head=cfg.tie_embeddings and fmt == "hf",
     )
 
 
@@ -110,12 +111,12 @@ def describe(path: Path, name: str) -> ModelEntry:
         from .gguf_loader import GGUFSource
 
         src = GGUFSource(path)
-        entry = entry_for(name, path, "gguf", src.config, src.eos_token_ids())
+        entry = entry_for(name, path, "gguf", src.config, src.eos_token_ids(), src.embedding_nbytes())
     else:
         from .hf_loader import HFSource
 
         src = HFSource(path)
-        entry = entry_for(name, path, "hf", src.config, src.eos_token_ids())
+        entry = entry_for(name, path, "hf", src.config, src.eos_token_ids(), src.embedding_nbytes())
     src.close()
     return entry
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError
 from .model_config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
+from .weights import EmbeddingTable
 
 # llama.cpp names -> the engine's canonical per-layer names
 _LAYER_NAMES = {
@@ -139,8 +140,33 @@ class GGUFSource:
                 out["k_bias"] = _unpermute_rotary(out["k_bias"], cfg.n_kv_heads)
         return out
 
-    def embedding(self) -> np.ndarray:
-        return self.tensor("token_embd.weight")
+    def embedding_nbytes(self) -> int:
+        """What embedding_table() will hold: float32 for float files, the raw quant blocks otherwise."""
+        from gguf import GGMLQuantizationType
+
+        t = self.tensors["token_embd.weight"]
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return int(t.n_elements) * 4
+        return int(t.n_bytes)
+
+    def embedding_table(self) -> EmbeddingTable:
+        """The token embedding kept in its GGUF encoding (copied out of the mmap); rows dequantized on lookup."""
+        from gguf import GGMLQuantizationType, quants
+
+        t = self.tensors.get("token_embd.weight")
+        if t is None:
+            raise ModelFileError(f"{self.path}: tensor token_embd.weight missing")
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return EmbeddingTable(np.array(t.data, dtype=np.float32))
+        qtype = t.tensor_type
+        rows = np.array(t.data)  # (vocab, bytes per row): rows are independent runs of quant blocks
+        try:
+            quants.dequantize(rows[:1], qtype)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(
+                f"{self.path}: token_embd.weight has unsupported type {qtype.name}"
+            ) from e
+        return EmbeddingTable(rows, lambda picked: quants.dequantize(picked, qtype))
 
     def final_norm(self) -> np.ndarray:
         return self.tensor("output_norm.weight")

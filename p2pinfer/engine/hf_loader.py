@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError
-from .model_config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
+from .model_config import SUPPORTED_ARCHS, WEIGHT_BYTES, ModelConfig, RopeScaling
+from .weights import EmbeddingTable
 
 _ARCH_BY_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -180,6 +181,12 @@ class HFSource:
 
     def embedding(self) -> np.ndarray:
         return self.tensor("model.embed_tokens.weight")
+
+    def embedding_nbytes(self) -> int:
+        return self.config.vocab_size * self.config.hidden_size * WEIGHT_BYTES
+
+    def embedding_table(self) -> EmbeddingTable:
+        return EmbeddingTable(self.embedding())
 
     def final_norm(self) -> np.ndarray:
         return self.tensor("model.norm.weight")

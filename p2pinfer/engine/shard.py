@@ -13,6 +13,7 @@ from .catalog import ModelEntry, open_source
 from .errors import ContextLimitError, EngineError, SessionLimitError, UnknownSessionError
 from .model import LayerStack
 from .model_config import KV_BYTES
+from .weights import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class Shard:
             kv_budget_bytes if kv_budget_bytes is not None else max_sessions * self.kv_bytes_per_session
         )
         self._sessions: dict[str, _Session] = {}
-        self.weight_bytes_allocated = 0  # measured from tinygrad's allocator at load time
+        # measured at load: tinygrad's allocator counter for device weights + host arrays kept (embedding)
+        self.device_weight_bytes = self.host_weight_bytes = self.weight_bytes_allocated = 0
         self.load_seconds = self.warm_seconds = 0.0
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -91,17 +93,21 @@ class Shard:
             layers = [
                 {k: to_device(v) for k, v in source.layer(i).items()} for i in range(self.start, self.end)
             ]
-            embedding = to_device(source.embedding()) if self.is_first else None
             final_norm = lm_head = None
             if self.is_last:
-                final_norm = to_device(source.final_norm())
-                tied_here = cfg.tie_embeddings and embedding is not None
-                lm_head = embedding if tied_here else to_device(source.lm_head())
-            self.weight_bytes_allocated = GlobalCounters.mem_used - before
+                final_norm, lm_head = to_device(source.final_norm()), to_device(source.lm_head())
+            self.device_weight_bytes = GlobalCounters.mem_used - before
+            self._embedding: EmbeddingTable | None = None
+            if self.is_first:
+                if self.is_last and cfg.tie_embeddings and self.entry.format == "hf":
+                    # the LM head already holds this float32 matrix: look rows up in its memory, no second copy
+                    self._embedding = EmbeddingTable(_host_view(lm_head))
+                else:
+                    self._embedding = source.embedding_table()
+                    self.host_weight_bytes = self._embedding.nbytes
         finally:
             source.close()
-        self._embedding = embedding
-        self._embedding_rows = _host_view(embedding) if embedding is not None else None
+        self.weight_bytes_allocated = self.device_weight_bytes + self.host_weight_bytes
         self._stack = LayerStack(cfg, layers, final_norm, lm_head, self.max_context + self.prefill_chunk)
         # fixed-shape, preallocated inputs: hidden states are copied straight into their memory
         self._x_decode = Tensor.zeros(1, cfg.hidden_size).contiguous().realize()
@@ -183,7 +189,6 @@ class Shard:
 
     def close(self) -> None:
         self._sessions.clear()
-        self._embedding_rows = None
         self._decode_jit = self._prefill_jit = self._stack = self._embedding = None
 
     # ---- compute -------------------------------------------------------------------------------------
@@ -196,7 +201,7 @@ class Shard:
                 )
             if ids.size and (ids.min() < 0 or ids.max() >= self.entry.vocab_size):
                 raise EngineError(f"token id out of range [0, {self.entry.vocab_size})")
-            return self._embedding_rows[ids]
+            return self._embedding.lookup(ids)
         h = np.asarray(x)
         if h.ndim != 2 or h.shape[1] != self.hidden_size or h.dtype != np.float32:
             raise EngineError(
