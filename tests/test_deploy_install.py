@@ -7,11 +7,13 @@ cannot change its source fingerprint between two runs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,6 @@ from tests.nix.systemd_check import MAX_EXPOSURE, REPO, exposure, need, verify_u
 
 VERSION = re.search(r'__version__ = "([^"]+)"', (REPO / "p2pinfer/__init__.py").read_text()).group(1)
 SYSTEMD_BOOTED = Path("/run/systemd/system").is_dir()
-TOKEN = "p2pinfer1:eyJzIjogImFiIiwgImEiOiBbIi9pcDQvMTkyLjE2OC4xLjEwL3RjcC81MjQxNiJdfQ"  # shape of `invite`
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,94 @@ def assert_empty(*dirs: Path) -> None:
         assert not d.exists() or list(d.iterdir()) == [], f"{d} still holds {sorted(os.listdir(d))}"
 
 
-def test_install_reinstall_reconfigure_uninstall(checkout, tmp_path):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UnitAgent:
+    """Run the agent with the unit's ExecStart as systemd would, kept on loopback.
+
+    Specifiers and variables are filled in the way systemd would (%S state, %d credentials,
+    EnvironmentFile variables); addresses move to 127.0.0.1 and mDNS is off (multicast must not
+    leave this machine)."""
+
+    def __init__(self, unit: Path, root: Path):
+        self.root = root
+        state, creds = root / "state", root / "creds"
+        state.mkdir(parents=True)
+        creds.mkdir()
+        text = unit.read_text()
+        for spec in unit_lines(unit, "LoadCredential"):
+            name, path = spec.split(":", 1)
+            shutil.copy(path, creds / name)
+        env = {**os.environ, "XDG_CACHE_HOME": str(root / "cache")}
+        for envfile in unit_lines(unit, "EnvironmentFile"):
+            for line in Path(envfile).read_text().splitlines():
+                k, v = line.split("=", 1)
+                env[k] = v
+        argv = []
+        for a in shlex.split(unit_lines(unit, "ExecStart")[0]):
+            a = a.replace("%S", str(state)).replace("%d", str(creds)).replace("%%", "%")
+            a = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a)
+            argv.append(a)
+        assert "ExecStart" in text and argv[1] == "run"
+        self.port = free_port()
+        for flag, value in (
+            ("--listen", "/ip4/127.0.0.1/tcp/0"),
+            ("--http-host", "127.0.0.1"),
+            ("--http-port", str(self.port)),
+        ):
+            argv[argv.index(flag) + 1] = value
+        self.argv = [*argv, "--no-mdns"]
+        self.data_dir = state / "p2pinfer"
+        self.log = (root / "agent.log").open("w")
+        self.proc = subprocess.Popen(
+            self.argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    def get(self, path: str, key: str | None = None, timeout: float = 60.0) -> dict:
+        import urllib.request
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, (
+                f"agent exited {self.proc.returncode}:\n{(self.root / 'agent.log').read_text()}"
+            )
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers)
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    return json.loads(r.read())
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def stop(self) -> int:
+        """SIGTERM, as systemctl stop sends it: the agent must leave and exit 0."""
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def agents():
+    """Agents a test starts; any still running at the end (a failed test) are killed."""
+    started: list[UnitAgent] = []
+    yield started
+    for agent in started:
+        if agent.proc.poll() is None:
+            agent.proc.kill()
+            agent.proc.wait(timeout=10)
+
+
+def test_install_reinstall_reconfigure_uninstall(checkout, tmp_path, agents):
     # --system-site-packages reuses the dependencies of the interpreter running the tests (CI
     # installs them), so this test stays fast; test_full_install builds an isolated venv.
     prefix, units = tmp_path / "opt", tmp_path / "units"
@@ -111,12 +199,25 @@ def test_install_reinstall_reconfigure_uninstall(checkout, tmp_path):
     assert "already installed" in again.stdout
     assert snapshot(prefix, units) == before
 
+    # The unit's command line runs the agent (as the service would), which invites a second one.
+    first_agent = UnitAgent(unit, tmp_path / "agent-a")
+    agents.append(first_agent)
+    assert first_agent.get("/health")
+    invite = subprocess.run(
+        [str(prefix / "venv/bin/p2pinfer"), "invite", "--data-dir", str(first_agent.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert invite.returncode == 0, invite.stderr
+    token = invite.stdout.strip().splitlines()[-1]
+
     # Joining a cluster with a public API: secrets land under PREFIX/etc (0600) and reach the
     # service as credentials; the token is not in the world-readable unit.
     secret = tmp_path / "secret"
     secret.write_text("ab" * 32 + "\n")
     join = [
-        *base, "--join", TOKEN, "--http-host", "0.0.0.0", "--p2p-port", "4001",
+        *base, "--join", token, "--http-host", "0.0.0.0", "--p2p-port", "4001",
         "--cluster-secret-file", str(secret), "--memory-limit", "2G", "--models-dir", "/srv/models",
     ]  # fmt: skip
     out = run_install(checkout, *join, "--no-enable")
@@ -124,8 +225,8 @@ def test_install_reinstall_reconfigure_uninstall(checkout, tmp_path):
     etc = prefix / "etc"
     for name in ("api-key", "cluster-secret", "join.env"):
         assert (etc / name).stat().st_mode & 0o777 == 0o600, name
-    assert (etc / "join.env").read_text() == f"P2PINFER_JOIN={TOKEN}\n"
-    assert TOKEN not in unit.read_text()
+    assert (etc / "join.env").read_text() == f"P2PINFER_JOIN={token}\n"
+    assert token not in unit.read_text()
     assert sorted(unit_lines(unit, "LoadCredential")) == [
         f"api-key:{etc}/api-key",
         f"cluster-secret:{etc}/cluster-secret",
@@ -144,6 +245,18 @@ def test_install_reinstall_reconfigure_uninstall(checkout, tmp_path):
     before = snapshot(prefix, units)
     run_install(checkout, *join, "--no-enable")
     assert snapshot(prefix, units) == before
+
+    # The joined agent, started from this unit, sees the first one.
+    second_agent = UnitAgent(unit, tmp_path / "agent-b")
+    agents.append(second_agent)
+    api_key = (etc / "api-key").read_text().strip()
+    a_id = first_agent.get("/health")["peer_id"]
+    deadline = time.monotonic() + 30
+    while a_id not in json.dumps(second_agent.get("/v1/cluster", api_key)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert a_id in json.dumps(second_agent.get("/v1/cluster", api_key))
+    assert second_agent.stop() == 0
+    assert first_agent.stop() == 0
 
     # Back to the plain settings: the secrets of the earlier run are removed.
     run_install(checkout, *base, "--no-enable")
