@@ -252,3 +252,20 @@ def test_flake_outputs(tmp_path):
     assert got["apps"] == ["default", "p2pinfer"]
     assert got["devShells"] == ["default"]
     assert "default" in got["modules"]
+
+
+def test_readme_example_configuration(tmp_path):
+    """nix/example.nix (the README's example) evaluates, passes its assertions, and verifies."""
+    body = f"""{{ ... }}: {{
+  imports = [ {REPO}/nix/example.nix ];
+  services.p2pinfer.package = {fake_package(tmp_path)};
+}}
+"""
+    out = eval_module_ok(tmp_path, body)
+    assert out["failedAssertions"] == []
+    assert sorted(out["firewall"]["allowedTCPPorts"]) == [52415, 52416]
+    argv = shlex.split(out["service"]["serviceConfig"]["ExecStart"])
+    assert argv[argv.index("--memory-limit") + 1] == "6G"
+    unit = tmp_path / "p2pinfer.service"
+    unit.write_text(render_nixos_unit(out["service"]))
+    verify_unit(unit)

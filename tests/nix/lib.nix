@@ -184,7 +184,8 @@ let
           f = if isPath m || isString m then import m else m;
           v = if isFunction f then f args else f;
           name = if isPath m || isString m then toString m else v._file or "<unknown-file>";
-          isFull = v ? options || v ? config || v ? imports;
+          # As in nixpkgs: without `options` or `config`, everything but imports is config.
+          isFull = v ? options || v ? config;
           body = removeAttrs v [ "_file" "imports" ];
         in
         [
