@@ -14,12 +14,14 @@ let
     specialArgs = { inherit pkgs; };
   };
   cfg = result.config;
+  # nixpkgs' submodule values carry `_module` (with functions, which JSON cannot hold).
+  plain = v: removeAttrs v [ "_module" ];
 in
 {
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
-  service = cfg.systemd.services.p2pinfer or null;
-  firewall = cfg.networking.firewall;
-  users = cfg.users.users;
+  service = if cfg.systemd.services ? p2pinfer then plain cfg.systemd.services.p2pinfer else null;
+  firewall = plain cfg.networking.firewall;
+  users = builtins.mapAttrs (_: plain) cfg.users.users;
   groups = builtins.attrNames cfg.users.groups;
   tmpfiles = cfg.systemd.tmpfiles.rules;
 }
