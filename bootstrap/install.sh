@@ -109,7 +109,8 @@ else
 fi
 [[ $prefix == /* ]] || prefix="$PWD/$prefix"
 [[ $unit_dir == /* ]] || unit_dir="$PWD/$unit_dir"
-prefix=${prefix%/}
+while [[ $prefix == */ ]]; do prefix=${prefix%/}; done
+[[ -n $prefix ]] || die "--prefix / is not allowed: give a directory of its own, e.g. /opt/p2pinfer"
 venv="$prefix/venv"
 etc="$prefix/etc"
 manifest="$prefix/$MANIFEST_NAME"
@@ -157,9 +158,11 @@ if [[ $uninstall == 1 ]]; then
 		say "removed $old_unit"
 		if systemd_running; then "${systemctl_cmd[@]}" daemon-reload || true; fi
 	fi
-	rm -rf "$venv" "$etc"
+	# Remove only what this script makes: a venv (it has pyvenv.cfg) and its own files in etc/.
+	if [[ -f $venv/pyvenv.cfg ]]; then rm -rf "$venv" && say "removed $venv"; fi
+	rm -f "$etc/api-key" "$etc/cluster-secret" "$etc/join.env"
+	if [[ -d $etc ]] && rmdir "$etc" 2>/dev/null; then say "removed $etc"; fi
 	rm -f "$manifest"
-	say "removed $venv and $etc"
 	if [[ $created_prefix == 1 ]] && rmdir "$prefix" 2>/dev/null; then say "removed $prefix"; fi
 	if [[ $purge == 1 ]]; then
 		if [[ $user_mode == 1 ]]; then
