@@ -7,7 +7,7 @@ what="${1:-run}"
 
 # clang: tinygrad's CPU device; libllvm19: its faster LLVM backend; gcc + libgmp-dev: libp2p builds fastecdsa
 apt_pkgs=(clang libllvm19 libgmp-dev gcc iproute2)
-[ "$what" = test ] && apt_pkgs+=(nix-bin systemd)
+[ "$what" = test ] && apt_pkgs+=(nix-bin systemd shellcheck)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

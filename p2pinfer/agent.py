@@ -261,6 +261,7 @@ class Agent:
                         lambda p, a: nursery.start_soon(self._on_mdns_peer, p, a),
                     )
                     nursery.start_soon(mdns.run)
+                nursery.start_soon(self.openai.warm, self.settings.model)
                 await nursery.start(self._serve_http)
                 log.info(
                     "agent %s up: p2p %s, http http://%s:%d",

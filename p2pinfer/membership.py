@@ -142,13 +142,19 @@ class Membership:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.gossip.run, self.on_message)
             task_status.started()
+            last_tick = time.monotonic()
             while True:
                 try:
                     if not self._leaving:
                         await self.publish_now()
                 except Exception as e:  # no peers yet, or a closing stream: next tick retries
                     log.debug("publish failed: %s", e)
-                for pid in self.view.expire(time.monotonic()):
+                now = time.monotonic()
+                # If this loop itself was stalled, the silence is ours, not theirs: wait a tick for
+                # the queued records before declaring anyone gone.
+                stalled = now - last_tick > 3 * PUBLISH_INTERVAL
+                last_tick = now
+                for pid in [] if stalled else self.view.expire(now):
                     log.info("peer %s expired from the view (silent > %.0f s)", pid, self.view.ttl)
                     self.dialer.forget(ID.from_base58(pid))
                     self.changed_at = time.monotonic()

@@ -69,8 +69,9 @@ class AgentProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def get(self, path: str, timeout: float = 5.0) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+    def get(self, path: str, timeout: float = 5.0, headers: dict | None = None) -> dict:
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
 
     def wait_ready(self, timeout: float = 60.0) -> dict:

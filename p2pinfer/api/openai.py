@@ -117,6 +117,7 @@ class OpenAIRoutes:
         self.default_model = default_model
         self.served_models = served_models
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._tokenizer_lock = trio.Lock()
 
     def routes(self) -> list[Route]:
         return [
@@ -125,10 +126,19 @@ class OpenAIRoutes:
             Route("/v1/models", self.models, methods=["GET"]),
         ]
 
-    def tokenizer(self, model: str) -> Tokenizer:
-        if model not in self._tokenizers:
-            self._tokenizers[model] = Tokenizer.from_entry(self.catalog.get(model))
-        return self._tokenizers[model]
+    async def tokenizer(self, model: str) -> Tokenizer:
+        """Built once per model, in a thread: building one takes seconds, which would stall gossip."""
+        async with self._tokenizer_lock:
+            if model not in self._tokenizers:
+                entry = self.catalog.get(model)
+                self._tokenizers[model] = await trio.to_thread.run_sync(Tokenizer.from_entry, entry)
+            return self._tokenizers[model]
+
+    async def warm(self, model: str) -> None:
+        try:
+            await self.tokenizer(model)
+        except EngineError:
+            pass  # reported when a request asks for it
 
     async def models(self, request: Request) -> JSONResponse:
         names = sorted(set(self.served_models()))
@@ -146,17 +156,24 @@ class OpenAIRoutes:
             raise BadRequest("request body must be a JSON object")
         return body
 
-    def _parse_common(self, body: dict, prompt_of: Callable[[Tokenizer], list[int]]) -> Parsed:
+    async def _parse_common(self, body: dict, prompt_of: Callable[[Tokenizer], list[int]]) -> Parsed:
         model = body.get("model") or self.default_model
         if not isinstance(model, str):
             raise BadRequest("'model' must be a string", "model")
         entry = self.catalog.get(model)  # UnknownModelError -> 404
+        tokenizer = await self.tokenizer(model)
         if body.get("n", 1) != 1:
             raise BadRequest("only n=1 is supported", "n")
         stop = body.get("stop") or []
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_SEQUENCES:
-            raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", "stop")
+        if (
+            not isinstance(stops, list)
+            or not all(isinstance(s, str) for s in stops)
+            or len(stops) > MAX_STOP_SEQUENCES
+        ):
+            raise BadRequest(
+                f"'stop' must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", "stop"
+            )
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest("'stream' must be a boolean", "stream")
@@ -177,7 +194,7 @@ class OpenAIRoutes:
         if sampling["seed"] is not None and sampling["seed"] < 0:
             sampling["seed"] &= 2**64 - 1
         try:
-            prompt = prompt_of(self.tokenizer(model))
+            prompt = prompt_of(tokenizer)
         except EngineError as e:
             raise BadRequest(f"cannot tokenize the prompt: {e}") from e
         if not prompt:
@@ -201,11 +218,19 @@ class OpenAIRoutes:
                 raise BadRequest("'messages' must be a non-empty list", "messages")
             msgs = []
             for m in messages:
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-                    raise BadRequest("each message needs a role of system, user, assistant, developer or tool", "messages")
+                if not isinstance(m, dict) or m.get("role") not in (
+                    "system",
+                    "user",
+                    "assistant",
+                    "developer",
+                    "tool",
+                ):
+                    raise BadRequest(
+                        "each message needs a role of system, user, assistant, developer or tool", "messages"
+                    )
                 role = "system" if m["role"] == "developer" else m["role"]
                 msgs.append({"role": role, "content": _message_text(m.get("content"))})
-            parsed = self._parse_common(body, lambda tok: tok.render_chat(msgs))
+            parsed = await self._parse_common(body, lambda tok: tok.render_chat(msgs))
         except Exception as e:
             return _error_response(e)
         return Completion(self, parsed, chat=True)
@@ -216,13 +241,17 @@ class OpenAIRoutes:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
-            if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if (
+                isinstance(prompt, list)
+                and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            ):
                 ids = list(prompt)
-                parsed = self._parse_common(body, lambda tok: ids)
+                parsed = await self._parse_common(body, lambda tok: ids)
                 if any(not 0 <= t < tok_vocab(self, parsed.model) for t in ids):
                     raise BadRequest("prompt token id out of range", "prompt")
             elif isinstance(prompt, str):
-                parsed = self._parse_common(body, lambda tok: tok.encode(prompt))
+                parsed = await self._parse_common(body, lambda tok: tok.encode(prompt))
             else:
                 raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
         except Exception as e:
@@ -251,14 +280,24 @@ class Completion(Response):
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.p.model, "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.p.model,
+            "choices": [choice],
+        }
 
     def _usage(self, n: int) -> dict:
-        return {"prompt_tokens": len(self.p.prompt), "completion_tokens": n, "total_tokens": len(self.p.prompt) + n}
+        return {
+            "prompt_tokens": len(self.p.prompt),
+            "completion_tokens": n,
+            "total_tokens": len(self.p.prompt) + n,
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         p = self.p
-        tokenizer = self.routes.tokenizer(p.model)
+        tokenizer = await self.routes.tokenizer(p.model)
         eos = tuple(tokenizer.eos_token_ids)
         gen = Generation(p.model, p.prompt, p.max_new, p.sampling, eos)
         decoder, stops = tokenizer.decoder(), StopMatcher(p.stops)
@@ -289,10 +328,12 @@ class Completion(Response):
 
             nursery.start_soon(watch_disconnect)
             try:
+                failure = None
                 async with self.routes.entry.generate(gen) as events:
                     async for ev in events:
                         if ev.kind == "error":
-                            raise ev.error
+                            failure = ev.error  # raised below, outside generate(): no exception group
+                            break
                         if ev.kind == "done":
                             finish = ev.reason
                             break
@@ -305,15 +346,20 @@ class Completion(Response):
                         if stopped:  # leaving the block cancels the ring
                             finish = "stop"
                             break
+                if failure is not None:
+                    raise failure
                 if not stopped:
                     await out(stops.feed(decoder.flush())[0] + stops.flush())
             except Exception as e:
-                if started:  # headers are out: report in-band, as OpenAI does mid-stream
-                    await _sse(send, {"error": {"message": str(e), "type": "server_error",
-                                                "code": getattr(e, "status", 500)}})  # fmt: skip
-                    await _sse_done(send)
-                else:
-                    await _error_response(e)(scope, receive, send)
+                while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                    e = e.exceptions[0]
+                with trio.move_on_after(5):
+                    if started:  # headers are out: report in-band, as OpenAI does mid-stream
+                        await _sse(send, {"error": {"message": str(e), "type": "server_error",
+                                                    "code": getattr(e, "status", 500)}})  # fmt: skip
+                        await _sse_done(send)
+                    else:
+                        await _error_response(e)(scope, receive, send)
                 nursery.cancel_scope.cancel()
                 return
             if p.stream:

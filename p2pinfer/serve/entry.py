@@ -128,6 +128,14 @@ class EntryService:
 
     async def _drive(self, rid: str, entry: ModelEntry, gen: Generation, tx: trio.MemorySendChannel) -> None:
         """Run the request to the end, replaying on a new ring when a member is lost."""
+        try:
+            await self._drive_rings(rid, entry, gen, tx)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the consumer left (client gone, stop string): nothing more to deliver
+
+    async def _drive_rings(
+        self, rid: str, entry: ModelEntry, gen: Generation, tx: trio.MemorySendChannel
+    ) -> None:
         generated: list[int] = []
         excluded: set[str] = set()
         async with tx:
@@ -147,7 +155,9 @@ class EntryService:
                 except RequestError as e:
                     await tx.send(Event("error", error=e))
                     return
-            await tx.send(Event("error", error=RequestError(503, f"ring failed {MAX_REPLAYS + 1} times; giving up")))
+            await tx.send(
+                Event("error", error=RequestError(503, f"ring failed {MAX_REPLAYS + 1} times; giving up"))
+            )
 
     async def _run_ring(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
                         generated: list[int], tx: trio.MemorySendChannel) -> str:  # fmt: skip

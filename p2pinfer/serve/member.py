@@ -41,7 +41,9 @@ class _Active:
 
 
 class Member:
-    def __init__(self, catalog: ModelCatalog, shards: ShardHost, on_change=lambda: None, can_compute=True) -> None:
+    def __init__(
+        self, catalog: ModelCatalog, shards: ShardHost, on_change=lambda: None, can_compute=True
+    ) -> None:
         self.catalog = catalog
         self.can_compute = can_compute
         self.shards = shards
@@ -73,7 +75,9 @@ class Member:
                 await ev.wait()
         active = self._active.get(rid)
         if active is None or active.inbound is not None:
-            log.warning("dropping data link from %s for unknown or already linked request %s", link.peer, rid[:12])
+            log.warning(
+                "dropping data link from %s for unknown or already linked request %s", link.peer, rid[:12]
+            )
             return
         active.inbound = link
         active.inbound_ready.set()
@@ -109,7 +113,9 @@ class Member:
             await control.send({"t": P.ERROR, "code": 404, "msg": str(e)})
             return
         if entry.n_layers != req.n_layers:
-            await control.send({"t": P.ERROR, "code": 409, "msg": f"{req.model} has {entry.n_layers} layers here"})
+            await control.send(
+                {"t": P.ERROR, "code": 409, "msg": f"{req.model} has {entry.n_layers} layers here"}
+            )
             return
         try:
             shard = await self.shards.acquire(entry, req.start, req.end)

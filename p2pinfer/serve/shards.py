@@ -28,7 +28,9 @@ class _Held:
 
 
 class ShardHost:
-    def __init__(self, memory_limit: int | None, on_change: Callable[[], None], max_sessions: int = 8) -> None:
+    def __init__(
+        self, memory_limit: int | None, on_change: Callable[[], None], max_sessions: int = 8
+    ) -> None:
         self.memory_limit = memory_limit
         self.on_change = on_change
         self.max_sessions = max_sessions
@@ -44,7 +46,9 @@ class ShardHost:
         return tuple((m, s, e, 0.0) for (m, s, e) in sorted(self._loading))
 
     def held_bytes(self, model: str | None = None) -> int:
-        return sum(h.shard.entry.shard_bytes(s, e) for (m, s, e), h in self._held.items() if model in (None, m))
+        return sum(
+            h.shard.entry.shard_bytes(s, e) for (m, s, e), h in self._held.items() if model in (None, m)
+        )
 
     # --- engine calls ----------------------------------------------------
     async def compute(self, fn: Callable, *args):
@@ -64,7 +68,9 @@ class ShardHost:
                 self._evict_for(entry.shard_bytes(start, end))
                 log.info("loading %s layers [%d, %d)", entry.name, start, end)
                 t0 = time.monotonic()
-                shard = await self.compute(lambda: Shard.load(entry, start, end, max_sessions=self.max_sessions))
+                shard = await self.compute(
+                    lambda: Shard.load(entry, start, end, max_sessions=self.max_sessions)
+                )
                 log.info("loaded %s layers [%d, %d) in %.1f s", entry.name, start, end, time.monotonic() - t0)
                 held = self._held[key] = _Held(shard)
             finally:
