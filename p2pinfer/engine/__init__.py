@@ -1,4 +1,18 @@
-"""Sharded llama-family inference on tinygrad: load a layer range of a model, run sessions through it."""
+"""Sharded llama-family inference on tinygrad: load a layer range of a model, run sessions through it.
+
+    catalog = ModelCatalog([models_dir])          # 'smollm2-135m' (embedded) + *.gguf + HF dirs
+    entry = catalog.get("smollm2-135m")           # ModelEntry: sizes for ring election, .to_dict()
+    shard = Shard.load(entry, start, end)         # only layers [start, end) (+ embedding / + head)
+    shard.open_session(sid, max_tokens)
+    y = shard.forward(sid, x)                     # first shard: int32 ids (T,); others: float32 (T, hidden)
+                                                  # returns float32 (T, hidden), or (vocab,) logits on the last
+    token = Sampler(SamplingParams(...)).sample(y)
+    shard.close_session(sid)
+
+Modules: catalog (entries, no tinygrad), gguf_loader / hf_loader (read one tensor at a time),
+model_config, model (tinygrad math), shard (sessions + JITs), sampling, tokenizer, device (DEV choice).
+Calls into one Shard must be serialised by the caller; any (non-main) thread may make them.
+"""
 
 from .device import configure_tinygrad_device
 
