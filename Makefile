@@ -12,6 +12,7 @@ test:
 	bash .ci/setup.sh test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra -m slow
 
 test-fast:
 	$(PYTHON) -m pytest -q -ra -m "not slow and not netns"

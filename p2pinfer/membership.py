@@ -76,9 +76,9 @@ class Membership:
         await self.gossip.publish(seal(record, self._signing_key, self._secret))
 
     # --- their records ----------------------------------------------------
-    def _log_drop(self, source: str, reason: str) -> None:
-        # one line per source and reason every 10 s: a misbehaving peer cannot flood the log
-        key, now = f"{source}:{reason}", time.monotonic()
+    def _log_drop(self, source: str, reason: Exception) -> None:
+        # one line per source and kind of fault every 10 s: a misbehaving peer cannot flood the log
+        key, now = f"{source}:{type(reason).__name__}:{str(reason)[:24]}", time.monotonic()
         if now - self._rejections.get(key, -1e9) > 10:
             self._rejections[key] = now
             log.warning("dropped gossip record from %s: %s", source, reason)
@@ -99,12 +99,12 @@ class Membership:
             # gossipsub relays recent messages late by design (IWANT, replays to new peers): a record
             # a few seconds behind is routine; one far behind is a replay worth a line.
             if e.behind_s > RELAY_SLACK_S:
-                self._log_drop(forwarder, str(e))
+                self._log_drop(forwarder, e)
             else:
                 log.debug("dropped late relay from %s: %s", forwarder, e)
             return False
         except RecordError as e:
-            self._log_drop(forwarder, str(e))
+            self._log_drop(forwarder, e)
             return False
 
     async def on_message(self, data: bytes) -> None:

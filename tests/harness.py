@@ -29,7 +29,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
             value = predicate()
             if value:
                 return value
-        except Exception as e:  # the agent may not be listening yet
+        except (OSError, ValueError, KeyError, StopIteration) as e:  # not listening yet, or not there yet
             last_exc = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_exc})")

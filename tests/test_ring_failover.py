@@ -43,7 +43,7 @@ def test_member_killed_mid_request_is_routed_around(tmp_path):
         reference = client.chat.completions.create(**kw).choices[0].message.content
         assert reference
 
-        pieces, victim, finish = [], None, None
+        pieces, victim, victim_id, finish = [], None, None, None
         for chunk in client.chat.completions.create(**kw, stream=True):
             if not chunk.choices:
                 continue
@@ -53,13 +53,14 @@ def test_member_killed_mid_request_is_routed_around(tmp_path):
                 rings = entry.get("/v1/cluster")["rings"]
                 assert len(rings) == 1, rings
                 members = [m[0] for m in next(iter(rings.values()))]
-                victim = ids[next(p for p in members if p != entry.peer_id)]
+                victim_id = next(p for p in members if p != entry.peer_id)
+                victim = ids[victim_id]
                 victim.signal(signal.SIGKILL)
         assert victim is not None, "the answer finished before a member could be killed"
         assert "".join(pieces) == reference
         assert finish in ("stop", "length")
         log = entry.log()
-        assert f"member {victim.peer_id} failed" in log
+        assert f"member {victim_id} failed" in log
         assert "replaying" in log
         for a in agents:
             if a is not victim:

@@ -21,6 +21,7 @@ log = logging.getLogger("p2pinfer.dialer")
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 DIAL_TIMEOUT = 6.0
+GOSSIP_DIAL_DEFER = 3.0
 
 
 @dataclass
@@ -52,7 +53,11 @@ class Dialer:
             return
         t = self._targets.get(info.peer_id)
         if t is None:
-            self._targets[info.peer_id] = Target(info, source, persistent)
+            t = self._targets[info.peer_id] = Target(info, source, persistent)
+            if source == "gossip" and str(self.host.get_id()) > str(info.peer_id):
+                # Both peers learn of each other from the same gossip and would dial at once, leaving
+                # two connections per pair; the smaller id dials first, the other only if that fails.
+                t.next_try = trio.current_time() + GOSSIP_DIAL_DEFER
             self._wake.set()
         else:
             t.persistent = t.persistent or persistent

@@ -146,7 +146,8 @@ class EntryService:
                     if attempt:
                         log.info("request %s: replaying %d prompt + %d generated tokens on ring %s", rid[:12],
                                  len(gen.prompt), len(generated), _ring_str(ring))  # fmt: skip
-                    reason = await self._run_ring(f"{rid}-{attempt}", entry, gen, ring, generated, tx)
+                    with first_error():  # the links' nurseries wrap what the ring raises in groups
+                        reason = await self._run_ring(f"{rid}-{attempt}", entry, gen, ring, generated, tx)
                     await tx.send(Event("done", reason=reason))
                     return
                 except MemberFailed as e:
