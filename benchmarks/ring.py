@@ -67,6 +67,8 @@ def one_request(client: openai.OpenAI, tokens: int) -> tuple[float, float, int]:
             now = time.perf_counter()
             first = first or now
             last = now
+    if first is None:
+        raise RuntimeError(f"no content streamed ({n} completion tokens)")
     return first - t0, (n - 1) / (last - first) if last > first else float("nan"), n
 
 

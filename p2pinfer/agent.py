@@ -152,7 +152,7 @@ class Agent:
                         ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
         self.shards = ShardHost(s.memory_limit, self.membership.poke)
         self.member = Member(self.catalog, self.shards, self.membership.poke, can_compute=s.compute)
-        self.linker = Linker(self.host, self.peer_id, self.member.handle)
+        self.linker = Linker(self.host, self.peer_id, self.member.handle, self.dialer.ensure_connected)
         self.member.linker = self.linker
         self.entry = EntryService(self.peer_id, self.catalog, self.linker, self.membership.view.records,
                                   s.max_requests)  # fmt: skip

@@ -42,10 +42,29 @@ class Dialer:
         self._wake = trio.Event()
 
     def is_connected(self, peer: ID) -> bool:
-        return bool(self.host.get_network().get_connections(peer))
+        return any(not c.is_closed for c in self.host.get_network().get_connections(peer))
 
     def connected_peers(self) -> set[str]:
-        return {str(p) for p in self.host.get_network().connections}
+        swarm = self.host.get_network()
+        return {str(p) for p, conns in list(swarm.connections.items()) if any(not c.is_closed for c in conns)}
+
+    def purge_closed(self) -> None:
+        """Forget connections that are closed but still listed: py-libp2p 0.8.1 sometimes keeps one
+        after a simultaneous dial is trimmed, and while it is listed nothing redials that peer."""
+        swarm = self.host.get_network()
+        for peer, conns in list(swarm.connections.items()):
+            for c in list(conns):
+                if c.is_closed:
+                    log.debug("forgetting a closed connection to %s", peer)
+                    swarm.remove_conn(c)
+
+    async def ensure_connected(self, peer: ID, timeout: float = DIAL_TIMEOUT) -> None:
+        if self.is_connected(peer):
+            return
+        self.purge_closed()
+        addrs = self.host.get_peerstore().addrs(peer)
+        with trio.fail_after(timeout):
+            await self.host.connect(PeerInfo(peer, addrs))
 
     def want(self, info: PeerInfo, source: str, persistent: bool = False) -> None:
         """Ask to be connected to `info`; new addresses replace old ones for the same peer."""
@@ -76,6 +95,7 @@ class Dialer:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             while True:
+                self.purge_closed()
                 now = trio.current_time()
                 for t in list(self._targets.values()):
                     if not t.dialling and now >= t.next_try and not self.is_connected(t.info.peer_id):

@@ -21,6 +21,7 @@ from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMe
 from p2pinfer.engine import ModelCatalog, ModelEntry
 from p2pinfer.serve import protocol as P
 from p2pinfer.serve.links import Link, LinkClosed, Linker
+from p2pinfer.tasks import open_nursery
 
 log = logging.getLogger("p2pinfer.entry")
 
@@ -116,7 +117,7 @@ class EntryService:
         self.active += 1
         rid = uuid.uuid4().hex
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(self._drive, rid, entry, gen, tx)
                 try:
                     yield rx

@@ -19,6 +19,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from p2pinfer.net.wire import Frame, FrameError, FrameReader, StreamClosed, encode_frame
+from p2pinfer.tasks import open_nursery
 
 log = logging.getLogger("p2pinfer.links")
 
@@ -135,8 +136,9 @@ Handler = Callable[[Link], Awaitable[None]]
 class Linker:
     """Opens links by peer id and hands incoming ones to `handler`; links to ourselves stay in-process."""
 
-    def __init__(self, host: IHost, self_id: str, handler: Handler) -> None:
+    def __init__(self, host: IHost, self_id: str, handler: Handler, ensure_connected=None) -> None:
         self.host = host
+        self.ensure_connected = ensure_connected  # (ID) -> awaitable: dial first if the connection is gone
         self.self_id = self_id
         self.handler = handler
         host.set_stream_handler(RING_PROTOCOL, self._on_stream)
@@ -153,7 +155,7 @@ class Linker:
         peer = str(stream.muxed_conn.peer_id)
         link = RemoteLink(stream, peer)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(link.pump)
                 await self._guarded(link)
                 nursery.cancel_scope.cancel()
@@ -162,31 +164,35 @@ class Linker:
 
     @asynccontextmanager
     async def open(self, peer: str, connect_timeout: float = 10.0) -> AsyncIterator[Link]:
-        async with trio.open_nursery() as nursery:
-            if peer == self.self_id:
-                mine, theirs = LocalLink.pair(peer)
+        if peer == self.self_id:
+            mine, theirs = LocalLink.pair(peer)
 
-                async def run_local() -> None:
-                    try:
-                        await self._guarded(theirs)
-                    finally:
-                        await theirs.aclose()
+            async def run_local() -> None:
+                try:
+                    await self._guarded(theirs)
+                finally:
+                    await theirs.aclose()
 
+            async with open_nursery() as nursery:
                 nursery.start_soon(run_local)
                 try:
                     yield mine
                 finally:
                     await mine.aclose()
-            else:
-                try:
-                    with trio.fail_after(connect_timeout):
-                        stream = await self.host.new_stream(ID.from_base58(peer), [RING_PROTOCOL])
-                except Exception as e:
-                    raise LinkClosed(f"cannot open a ring stream to {peer}: {type(e).__name__}: {e}") from e
-                link = RemoteLink(stream, peer)
-                nursery.start_soon(link.pump)
-                try:
-                    yield link
-                finally:
-                    await link.aclose()
-                    nursery.cancel_scope.cancel()
+            return
+        # Open before entering the nursery, so a failure is a plain LinkClosed, not an exception group.
+        try:
+            with trio.fail_after(connect_timeout):
+                if self.ensure_connected is not None:
+                    await self.ensure_connected(ID.from_base58(peer))
+                stream = await self.host.new_stream(ID.from_base58(peer), [RING_PROTOCOL])
+        except Exception as e:
+            raise LinkClosed(f"cannot open a ring stream to {peer}: {type(e).__name__}: {e}") from e
+        link = RemoteLink(stream, peer)
+        async with open_nursery() as nursery:
+            nursery.start_soon(link.pump)
+            try:
+                yield link
+            finally:
+                await link.aclose()
+                nursery.cancel_scope.cancel()

@@ -26,6 +26,7 @@ from p2pinfer.engine import (
 from p2pinfer.serve import protocol as P
 from p2pinfer.serve.links import Link, LinkClosed, Linker
 from p2pinfer.serve.shards import ShardHost
+from p2pinfer.tasks import open_nursery
 
 log = logging.getLogger("p2pinfer.member")
 
@@ -158,7 +159,7 @@ class Member:
     async def _run(self, control: Link, active: _Active, shard: Shard, prompt: np.ndarray | None,
                    params: SamplingParams) -> None:  # fmt: skip
         req = active.req
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
 
             async def watch_control() -> None:
                 # anything further from the entry (cancel) or its loss ends our part of the request
