@@ -84,6 +84,10 @@ def measure(peers: int, repeats: int, tokens: int) -> dict:
             runs = [one_request(client, tokens) for _ in range(repeats)]
             layers = sorted(tuple(r) for a in agents for p in a.get("/v1/cluster")["peers"] if p["self"]
                             for r in p["layers"])  # fmt: skip
+        except Exception:
+            for a in agents:
+                print(f"--- {a.name} log tail ---\n{a.log()[-3000:]}", file=sys.stderr)
+            raise
         finally:
             for a in agents:
                 a.stop()

@@ -58,6 +58,7 @@ class Membership:
         self._seq = time.time_ns() // 1000
         self._changed = trio.Event()
         self._leaving = False
+        self._reset_at: dict[str, float] = {}
         self._rejections: dict[str, float] = {}
         self.changed_at = time.monotonic()
 
@@ -154,6 +155,8 @@ class Membership:
                 # the queued records before declaring anyone gone.
                 stalled = now - last_tick > 3 * PUBLISH_INTERVAL
                 last_tick = now
+                if not stalled:
+                    await self._reset_quiet_connections(now)
                 for pid in [] if stalled else self.view.expire(now):
                     log.info("peer %s expired from the view (silent > %.0f s)", pid, self.view.ttl)
                     self.dialer.forget(ID.from_base58(pid))
@@ -161,6 +164,24 @@ class Membership:
                 self._changed = trio.Event()
                 with trio.move_on_after(PUBLISH_INTERVAL):
                     await self._changed.wait()
+
+    async def _reset_quiet_connections(self, now: float) -> None:
+        """A directly connected peer whose records stopped for half the TTL is on a connection that
+        py-libp2p still lists but that no longer carries streams: close it so the dialler redials
+        before the peer would expire."""
+        connected = self.dialer.connected_peers()
+        for e in self.view.entries():
+            pid = e.record.peer_id
+            if pid != self.peer_id and pid in connected and now - e.received_at > self.view.ttl / 2:
+                if now - self._reset_at.get(pid, -1e9) < self.view.ttl:
+                    continue
+                self._reset_at[pid] = now
+                log.info(
+                    "no record from connected peer %s for %.1f s: reconnecting", pid, now - e.received_at
+                )
+                self._dial_learned(e.record)
+                with trio.move_on_after(2):
+                    await self.dialer.host.get_network().close_peer(ID.from_base58(pid))
 
     async def leave(self) -> None:
         """Tell every peer we are going, so they drop us at once instead of after the TTL."""

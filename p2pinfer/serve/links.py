@@ -162,6 +162,23 @@ class Linker:
         finally:
             await link.aclose()
 
+    async def _new_stream(self, peer: ID, timeout: float) -> INetStream:
+        """A ring stream to `peer`; if the connection turns out dead, drop it, redial, try once more."""
+        for attempt in (1, 2):
+            try:
+                with trio.fail_after(timeout):
+                    if self.ensure_connected is not None:
+                        await self.ensure_connected(peer)
+                    return await self.host.new_stream(peer, [RING_PROTOCOL])
+            except Exception as e:
+                if attempt == 2:
+                    raise LinkClosed(f"cannot open a ring stream to {peer}: {type(e).__name__}: {e}") from e
+                # py-libp2p can keep a connection that looks open but no longer carries streams
+                log.info("ring stream to %s failed (%s: %s); reconnecting", peer, type(e).__name__, e)
+                with trio.move_on_after(2):
+                    await self.host.get_network().close_peer(peer)
+        raise AssertionError("unreachable")
+
     @asynccontextmanager
     async def open(self, peer: str, connect_timeout: float = 10.0) -> AsyncIterator[Link]:
         if peer == self.self_id:
@@ -181,13 +198,7 @@ class Linker:
                     await mine.aclose()
             return
         # Open before entering the nursery, so a failure is a plain LinkClosed, not an exception group.
-        try:
-            with trio.fail_after(connect_timeout):
-                if self.ensure_connected is not None:
-                    await self.ensure_connected(ID.from_base58(peer))
-                stream = await self.host.new_stream(ID.from_base58(peer), [RING_PROTOCOL])
-        except Exception as e:
-            raise LinkClosed(f"cannot open a ring stream to {peer}: {type(e).__name__}: {e}") from e
+        stream = await self._new_stream(ID.from_base58(peer), connect_timeout)
         link = RemoteLink(stream, peer)
         async with open_nursery() as nursery:
             nursery.start_soon(link.pump)
