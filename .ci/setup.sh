@@ -26,7 +26,7 @@ pip_q=(-q --disable-pip-version-check)
 if [ "$what" = test ]; then
   "$py" -m pip install "${pip_q[@]}" -e '.[test]'
   # torch from the machine's local wheel (CPU build); transformers is the reference the engine is checked against
-  "$py" -m pip install "${pip_q[@]}" torch==2.13.0 transformers
+  "$py" -m pip install "${pip_q[@]}" torch==2.13.0 transformers accelerate
 else
   "$py" -m pip install "${pip_q[@]}" -e .
 fi
