@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import trio
+from libp2p.host.ping import PingService
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
@@ -26,6 +27,7 @@ log = logging.getLogger("p2pinfer.membership")
 TOPIC = "p2pinfer/peers/v1"
 PUBLISH_INTERVAL = 1.0
 RELAY_SLACK_S = 10.0
+PROBE_TIMEOUT = 10.0
 
 
 class StaleRecord(RecordError):
@@ -58,7 +60,7 @@ class Membership:
         self._seq = time.time_ns() // 1000
         self._changed = trio.Event()
         self._leaving = False
-        self._reset_at: dict[str, float] = {}
+        self._probed_at: dict[str, float] = {}
         self._rejections: dict[str, float] = {}
         self.changed_at = time.monotonic()
 
@@ -156,7 +158,7 @@ class Membership:
                 stalled = now - last_tick > 3 * PUBLISH_INTERVAL
                 last_tick = now
                 if not stalled:
-                    await self._reset_quiet_connections(now)
+                    self._probe_quiet_connections(nursery, now)
                 for pid in [] if stalled else self.view.expire(now):
                     log.info("peer %s expired from the view (silent > %.0f s)", pid, self.view.ttl)
                     self.dialer.forget(ID.from_base58(pid))
@@ -165,23 +167,34 @@ class Membership:
                 with trio.move_on_after(PUBLISH_INTERVAL):
                     await self._changed.wait()
 
-    async def _reset_quiet_connections(self, now: float) -> None:
-        """A directly connected peer whose records stopped for half the TTL is on a connection that
-        py-libp2p still lists but that no longer carries streams: close it so the dialler redials
-        before the peer would expire."""
+    def _probe_quiet_connections(self, nursery: trio.Nursery, now: float) -> None:
+        """A directly connected peer whose records stopped for half the TTL may sit on a connection
+        py-libp2p still lists but that no longer carries streams: ping it, and only if the ping
+        fails, close the connection so the dialler redials. (Closing on silence alone made an
+        overloaded cluster churn.)"""
         connected = self.dialer.connected_peers()
         for e in self.view.entries():
             pid = e.record.peer_id
-            if pid != self.peer_id and pid in connected and now - e.received_at > self.view.ttl / 2:
-                if now - self._reset_at.get(pid, -1e9) < self.view.ttl:
-                    continue
-                self._reset_at[pid] = now
-                log.info(
-                    "no record from connected peer %s for %.1f s: reconnecting", pid, now - e.received_at
-                )
-                self._dial_learned(e.record)
-                with trio.move_on_after(2):
-                    await self.dialer.host.get_network().close_peer(ID.from_base58(pid))
+            quiet = now - e.received_at > self.view.ttl / 2
+            if pid == self.peer_id or pid not in connected or not quiet:
+                continue
+            if now - self._probed_at.get(pid, -1e9) < self.view.ttl:
+                continue
+            self._probed_at[pid] = now
+            nursery.start_soon(self._probe, e.record)
+
+    async def _probe(self, record: PeerRecord) -> None:
+        peer = ID.from_base58(record.peer_id)
+        try:
+            with trio.fail_after(PROBE_TIMEOUT):
+                await PingService(self.dialer.host).ping(peer)
+            return
+        except Exception as e:
+            log.info("connected peer %s is silent and does not answer ping (%s): reconnecting",
+                     record.peer_id, type(e).__name__)  # fmt: skip
+        with trio.move_on_after(2):
+            await self.dialer.host.get_network().close_peer(peer)
+        self._dial_learned(record)
 
     async def leave(self) -> None:
         """Tell every peer we are going, so they drop us at once instead of after the TTL."""

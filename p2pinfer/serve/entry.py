@@ -152,6 +152,9 @@ class EntryService:
                     await tx.send(Event("done", reason=reason))
                     return
                 except MemberFailed as e:
+                    if len(generated) >= gen.max_new:  # every token is here: nothing to replay
+                        await tx.send(Event("done", reason="length"))
+                        return
                     log.warning("request %s: %s", rid[:12], e)
                     excluded.add(e.peer)
                 except RequestError as e:

@@ -31,6 +31,7 @@ from p2pinfer.tasks import open_nursery
 log = logging.getLogger("p2pinfer.member")
 
 INBOUND_TIMEOUT = 30.0  # the previous member connects right after `start`
+LINGER_TIMEOUT = 30.0  # how long a finished member waits for the entry to close the request
 
 
 @dataclass
@@ -183,6 +184,10 @@ class Member:
                         await self._run_last(control, active, shard, out, params)
                     else:
                         await self._run_middle(active, shard, out)
+            # Our part is done, but the entry alone ends the request: a control link closing early
+            # would look to it like a lost member. watch_control ends us when the entry closes it.
+            with trio.move_on_after(LINGER_TIMEOUT):
+                await trio.sleep_forever()
             nursery.cancel_scope.cancel()
 
     def _check_prompt(self, prompt: np.ndarray | None) -> np.ndarray:
