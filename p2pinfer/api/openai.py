@@ -35,8 +35,7 @@ class BadRequest(Exception):
 
 def _error_response(e: Exception) -> JSONResponse:
     if isinstance(e, BadRequest):
-        resp = openai_error(400, str(e), "invalid_request_error", e.code)
-        return resp
+        return openai_error(400, str(e), "invalid_request_error", e.code)
     if isinstance(e, UnknownModelError):
         return openai_error(404, str(e), "invalid_request_error", "model_not_found")
     if isinstance(e, RequestError):
@@ -248,7 +247,7 @@ class OpenAIRoutes:
             ):
                 ids = list(prompt)
                 parsed = await self._parse_common(body, lambda tok: ids)
-                if any(not 0 <= t < tok_vocab(self, parsed.model) for t in ids):
+                if any(not 0 <= t < self.catalog.get(parsed.model).vocab_size for t in ids):
                     raise BadRequest("prompt token id out of range", "prompt")
             elif isinstance(prompt, str):
                 parsed = await self._parse_common(body, lambda tok: tok.encode(prompt))
@@ -257,10 +256,6 @@ class OpenAIRoutes:
         except Exception as e:
             return _error_response(e)
         return Completion(self, parsed, chat=False)
-
-
-def tok_vocab(routes: OpenAIRoutes, model: str) -> int:
-    return routes.catalog.get(model).vocab_size
 
 
 class Completion(Response):
