@@ -106,6 +106,18 @@ class EntryService:
         except ClusterTooSmall as e:
             raise RequestError(503, str(e), retry_after=5) from e
 
+    def elect_avoiding(self, entry: ModelEntry, failed: set[str]) -> list[RingMember]:
+        """A ring without the members that failed this request; if none fits without them, take back
+        those still alive in the view (a broken stream is not a dead peer) before giving up."""
+        try:
+            return self.elect(entry, frozenset(failed))
+        except RequestError:
+            alive = {r.peer_id for r in self.records()}
+            if not failed & alive:
+                raise
+            log.info("no ring fits without %d failed member(s); retrying those still alive", len(failed))
+            return self.elect(entry, frozenset(failed - alive))
+
     @asynccontextmanager
     async def generate(self, gen: Generation) -> AsyncIterator[trio.MemoryReceiveChannel]:
         """Yield a channel of Events for `gen`; leaving the block early cancels the ring."""
@@ -142,7 +154,7 @@ class EntryService:
         async with tx:
             for attempt in range(MAX_REPLAYS + 1):
                 try:
-                    ring = self.elect(entry, frozenset(excluded))
+                    ring = self.elect_avoiding(entry, excluded)
                     self.rings[rid] = ring
                     if attempt:
                         log.info("request %s: replaying %d prompt + %d generated tokens on ring %s", rid[:12],

@@ -140,7 +140,7 @@ class Member:
                 return
             await self._run(control, active, shard, start.tensor, params)
         except LinkClosed as e:
-            log.debug("request %s ended: %s", req.rid[:12], e)
+            log.info("request %s: our part ended early: %s", req.rid[:12], e)
         except EngineError as e:
             log.warning("request %s failed in the engine: %s", req.rid[:12], e)
             with trio.move_on_after(2):
