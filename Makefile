@@ -1,21 +1,24 @@
-# The two commands of the README. Each installs what it needs first (idempotent).
-PYTHON ?= python3
+# The two commands of the README. Each installs what it needs first (idempotent), into the project
+# virtualenv $(VENV): never into the system Python. PYTHON picks the interpreter the venv is made from.
+VENV ?= .venv
+PY := $(VENV)/bin/python
 PORT ?= 52415
+export VENV
 
 .PHONY: run test test-fast lint
 
 run:
 	bash .ci/setup.sh run
-	$(PYTHON) -m p2pinfer run --http-port $(PORT)
+	$(PY) -m p2pinfer run --http-port $(PORT)
 
 test:
 	bash .ci/setup.sh test
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q -ra
-	$(PYTHON) -m pytest -q -ra -m slow
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m slow
 
 test-fast:
-	$(PYTHON) -m pytest -q -ra -m "not slow and not netns"
+	$(PY) -m pytest -q -ra -m "not slow and not netns"
 
 lint:
-	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
