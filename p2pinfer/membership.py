@@ -1,6 +1,8 @@
-"""Membership: publish our signed record, verify others' into the View, expire the silent, dial the new.
+"""Membership: gossip our signed record and heartbeats, verify others' into the View, expire the
+silent, dial the new.
 
-Joins the pure cluster state (record, View) to the network (gossip, dialer); the agent owns one.
+Joins the pure protocol state (cluster/announce.py: what to send when, what a message changes) to
+the network (gossip, dialer); the agent owns one.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
@@ -15,8 +18,9 @@ from libp2p.host.ping import PingService
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from p2pinfer.cluster.record import PeerRecord, RecordError, open_sealed, seal
-from p2pinfer.cluster.view import Rejected, View
+from p2pinfer.cluster.announce import Announcer, StaleRecord
+from p2pinfer.cluster.record import Heartbeat, PeerRecord, RecordError, Want
+from p2pinfer.cluster.view import Rejected
 from p2pinfer.identity import Identity
 from p2pinfer.net.addrs import AddressError, parse_peer_addr
 from p2pinfer.net.dialer import Dialer
@@ -25,17 +29,9 @@ from p2pinfer.net.gossip import Gossip
 log = logging.getLogger("p2pinfer.membership")
 
 TOPIC = "p2pinfer/peers/v1"
-PUBLISH_INTERVAL = 1.0
-RELAY_SLACK_S = 10.0
 PROBE_TIMEOUT = 10.0
-
-
-class StaleRecord(RecordError):
-    def __init__(self, record: PeerRecord, last: int) -> None:
-        self.behind_s = (last - record.seq) / 1e6  # seq counts wall-clock microseconds
-        super().__init__(
-            f"replayed or older record of {record.peer_id} (seq {record.seq} <= {last}, {self.behind_s:.1f} s behind)"
-        )
+MAX_WAKE = 0.5  # the loop looks at new gossip neighbours and expiries at least this often
+_CHECKED_CACHE = 256
 
 
 class Membership:
@@ -50,33 +46,31 @@ class Membership:
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id.to_base58()
-        self._signing_key = identity.signing_key
-        self._secret = secret
-        self.view = View(self.peer_id, ttl)
+        self.announcer = Announcer(self.peer_id, identity.signing_key, secret, describe, ttl)
+        self.view = self.announcer.view
         self.dialer = dialer
         self.describe = describe
         self.gossip = gossip_factory(self._validate)
-        # Wall-clock microseconds: seq keeps rising across restarts, so peers accept a restarted agent.
-        self._seq = time.time_ns() // 1000
         self._changed = trio.Event()
-        self._leaving = False
         self._probed_at: dict[str, float] = {}
         self._rejections: dict[str, float] = {}
+        # the validator already verified these bytes: delivery takes the result instead of verifying again
+        self._checked: OrderedDict[bytes, PeerRecord | Heartbeat | Want] = OrderedDict()
+        self._neighbours: set = set()
         self.changed_at = time.monotonic()
 
     # --- our record -------------------------------------------------------
-    def _next_record(self, leave: bool = False) -> PeerRecord:
-        self._seq = max(self._seq + 1, time.time_ns() // 1000)
-        return PeerRecord(peer_id=self.peer_id, seq=self._seq, leave=leave, **self.describe())
-
     def poke(self) -> None:
-        """Something in our record changed: publish now rather than at the next tick."""
+        """Something in our record (or our load) changed: publish now rather than at the next tick."""
+        self.announcer.poke()
         self._changed.set()
 
-    async def publish_now(self, leave: bool = False) -> None:
-        record = self._next_record(leave)
-        self.view.apply(record, time.monotonic())
-        await self.gossip.publish(seal(record, self._signing_key, self._secret))
+    async def _publish(self, messages: list[bytes]) -> None:
+        for data in messages:
+            try:
+                await self.gossip.publish(data)
+            except Exception as e:  # no peers yet, or a closing stream: the next heartbeat follows
+                log.debug("publish failed: %s", e)
 
     # --- their records ----------------------------------------------------
     def _log_drop(self, source: str, reason: Exception) -> None:
@@ -86,48 +80,43 @@ class Membership:
             self._rejections[key] = now
             log.warning("dropped gossip record from %s: %s", source, reason)
 
-    def _check(self, data: bytes) -> PeerRecord:
-        record = open_sealed(data, self._secret)
-        last = self.view.high_seq(record.peer_id)
-        if record.peer_id != self.peer_id and last is not None and record.seq <= last:
-            raise StaleRecord(record, last)
-        return record
-
     def _validate(self, forwarder: str, data: bytes) -> bool:
-        """gossipsub validator: an invalid record is neither delivered nor forwarded."""
+        """gossipsub validator: an invalid or stale message is neither delivered nor forwarded."""
         try:
-            self._check(data)
-            return True
+            msg = self.announcer.check(data)
         except StaleRecord as e:
-            # gossipsub relays recent messages late by design (IWANT, replays to new peers): a record
-            # a few seconds behind is routine; one far behind is a replay worth a line.
-            if e.behind_s > RELAY_SLACK_S:
-                self._log_drop(forwarder, e)
-            else:
-                log.debug("dropped late relay from %s: %s", forwarder, e)
+            # gossipsub relays recent messages late by design (IHAVE/IWANT, replays to new peers), and
+            # after a restart old messages come round again: routine, never worth a warning.
+            log.debug("dropped late relay from %s: %s", forwarder, e)
             return False
         except RecordError as e:
-            self._log_drop(forwarder, e)
+            self._log_drop(forwarder, e)  # bad signature, non-member, a record naming another peer, junk
             return False
+        self._checked[data] = msg
+        if len(self._checked) > _CHECKED_CACHE:
+            self._checked.popitem(last=False)
+        return True
 
     async def on_message(self, data: bytes) -> None:
+        msg = self._checked.pop(data, None)
         try:
-            record = open_sealed(data, self._secret)
-            if record.peer_id == self.peer_id:
-                return
-            changed = self.view.apply(record, time.monotonic())
+            if msg is None:
+                msg = self.announcer.check(data)
+            got = self.announcer.receive(msg, time.monotonic())
         except (RecordError, Rejected) as e:
-            log.debug("dropped record on delivery: %s", e)  # raced with a newer one: normal
+            log.debug("dropped message on delivery: %s", e)  # raced with a newer one: normal
             return
-        if record.leave:
-            log.info("peer %s left the cluster", record.peer_id)
-            self.dialer.forget(ID.from_base58(record.peer_id))
-        else:
-            if changed:
-                log.info("peer %s joined the view (%d peers)", record.peer_id, len(self.view))
-            self._dial_learned(record)
-        if changed:
+        if got.kind == "left":
+            log.info("peer %s left the cluster", got.record.peer_id)
+            self.dialer.forget(ID.from_base58(got.record.peer_id))
+        elif got.kind in ("joined", "updated"):
+            if got.kind == "joined":
+                log.info("peer %s joined the view (%d peers)", got.record.peer_id, len(self.view))
+            self._dial_learned(got.record)
+        if got.kind in ("joined", "left"):
             self.changed_at = time.monotonic()
+        if got.kind in ("unknown", "other", "refreshed") and self.announcer.next_due() < time.monotonic() + MAX_WAKE:
+            self._changed.set()  # a Want to send or to answer
 
     def _dial_learned(self, record: PeerRecord) -> None:
         infos = []
@@ -141,21 +130,26 @@ class Membership:
             self.dialer.want(PeerInfo(infos[0].peer_id, [a for i in infos for a in i.addrs]), "gossip")
 
     # --- loops ------------------------------------------------------------
+    def _watch_neighbours(self) -> None:
+        topic_peers = set(self.gossip.pubsub.peer_topics.get(self.gossip.topic, ()))
+        if topic_peers - self._neighbours:
+            self.announcer.new_neighbour()
+        self._neighbours = topic_peers
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.gossip.run, self.on_message)
             task_status.started()
+            interval = self.announcer.interval
             last_tick = time.monotonic()
             while True:
-                try:
-                    if not self._leaving:
-                        await self.publish_now()
-                except Exception as e:  # no peers yet, or a closing stream: next tick retries
-                    log.debug("publish failed: %s", e)
+                self._changed = trio.Event()
+                self._watch_neighbours()
                 now = time.monotonic()
+                await self._publish(self.announcer.tick(now))
                 # If this loop itself was stalled, the silence is ours, not theirs: wait a tick for
-                # the queued records before declaring anyone gone.
-                stalled = now - last_tick > 3 * PUBLISH_INTERVAL
+                # the queued messages before declaring anyone gone.
+                stalled = now - last_tick > 3 * interval
                 last_tick = now
                 if not stalled:
                     self._probe_quiet_connections(nursery, now)
@@ -163,9 +157,10 @@ class Membership:
                     log.info("peer %s expired from the view (silent > %.0f s)", pid, self.view.ttl)
                     self.dialer.forget(ID.from_base58(pid))
                     self.changed_at = time.monotonic()
-                self._changed = trio.Event()
-                with trio.move_on_after(PUBLISH_INTERVAL):
-                    await self._changed.wait()
+                wait = min(MAX_WAKE, self.announcer.next_due() - time.monotonic())
+                if wait > 0:
+                    with trio.move_on_after(wait):
+                        await self._changed.wait()
 
     def _probe_quiet_connections(self, nursery: trio.Nursery, now: float) -> None:
         """A directly connected peer whose records stopped for half the TTL may sit on a connection
@@ -198,9 +193,9 @@ class Membership:
 
     async def leave(self) -> None:
         """Tell every peer we are going, so they drop us at once instead of after the TTL."""
-        self._leaving = True  # no regular record may follow the leave and undo it
+        data = self.announcer.leave(time.monotonic())  # no regular message may follow the leave
         with trio.move_on_after(1.0):
-            await self.publish_now(leave=True)
+            await self._publish([data])
             await trio.sleep(0.3)  # let the routers flush the message before connections close
 
     def snapshot(self) -> list[dict]:

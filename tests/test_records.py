@@ -110,3 +110,151 @@ def test_join_token_round_trip_and_corruption():
         JoinToken.decode(tok.encode()[:-5])
     with pytest.raises(IdentityError):
         JoinToken.decode("garbage")
+
+
+# --- heartbeats and wants ---------------------------------------------------------------------
+
+from p2pinfer.cluster.announce import FULL_INTERVAL, Announcer, StaleRecord  # noqa: E402
+from p2pinfer.cluster.record import Heartbeat, Want, open_message, seal_heartbeat, seal_want  # noqa: E402
+from p2pinfer.cluster.view import Unknown  # noqa: E402
+
+
+def hb_of(ident: Identity, seq: int, record_seq: int = 1, active: int = 0, free: int = 0) -> Heartbeat:
+    return Heartbeat(ident.peer_id.to_base58(), seq, record_seq, active, free)
+
+
+def test_heartbeat_and_want_round_trip_and_stay_small():
+    m = member()
+    hb = hb_of(m, 2**52, 2**52 - 5, 3, 8 * 2**30)
+    data = seal_heartbeat(hb, m.signing_key, SECRET)
+    assert open_message(data, SECRET) == hb
+    assert len(data) < 180
+    want = Want(m.peer_id.to_base58(), (member(2).peer_id.to_base58(), member(3).peer_id.to_base58()))
+    assert open_message(seal_want(want, m.signing_key, SECRET), SECRET) == want
+    rec = record_of(m)
+    assert open_message(seal(rec, m.signing_key, SECRET), SECRET) == rec
+
+
+def test_heartbeat_forgeries_are_rejected():
+    a, b = member(1), member(2)
+    with pytest.raises(RecordError, match="not signed by a cluster member"):
+        open_message(seal_heartbeat(hb_of(a, 5), a.signing_key, secrets.token_bytes(32)), SECRET)
+    with pytest.raises(RecordError, match="bad signature"):  # b speaking for a
+        open_message(seal_heartbeat(hb_of(a, 5), b.signing_key, SECRET), SECRET)
+    env = msgpack.unpackb(seal_heartbeat(hb_of(a, 5, active=1), a.signing_key, SECRET))
+    fields = msgpack.unpackb(env[1])
+    fields[3] = 0  # claim no load
+    env[1] = msgpack.packb(fields)
+    with pytest.raises(RecordError):
+        open_message(msgpack.packb(env), SECRET)
+    for junk in (msgpack.packb(["h", b"", b"", b""]), msgpack.packb(["x", b"1", b"2", b"3"]), b"\x94\xc1"):
+        with pytest.raises(RecordError):
+            open_message(junk, SECRET)
+
+
+def test_heartbeat_refreshes_only_known_peers_and_highest_seq_wins():
+    m = member()
+    pid = m.peer_id.to_base58()
+    view = View(self_id="me", ttl=6)
+    with pytest.raises(Unknown):  # a heartbeat cannot add a peer
+        view.heartbeat(hb_of(m, 5), now=0)
+    assert pid not in view
+    view.apply(record_of(m, seq=10, memory_free=100), now=0)
+    assert view.heartbeat(hb_of(m, 11, record_seq=10, active=2, free=50), now=5) is False
+    rec = view.get(pid)
+    assert (rec.active_requests, rec.memory_free, rec.seq) == (2, 50, 11)
+    assert view.expire(now=10) == []  # refreshed at 5
+    with pytest.raises(Rejected):
+        view.heartbeat(hb_of(m, 11), now=6)
+    with pytest.raises(Rejected):  # a full record older than a heartbeat seen
+        view.apply(record_of(m, seq=11), now=6)
+    assert view.heartbeat(hb_of(m, 12, record_seq=12), now=6) is True  # announces a newer record: ask
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_000_000
+
+    def __call__(self):
+        return self.t
+
+
+def announcer(seed: int, ttl: float = 6.0, **describe) -> Announcer:
+    ident = member(seed)
+    desc = {"addrs": ("/ip4/127.0.0.1/tcp/1",), "active_requests": 0, "memory_free": 0, **describe}
+    return Announcer(ident.peer_id.to_base58(), ident.signing_key, SECRET, lambda: dict(desc), ttl)
+
+
+def kinds(messages):
+    return [type(open_message(m, SECRET)).__name__ for m in messages]
+
+
+def test_announcer_sends_full_record_then_heartbeats_then_full_on_change():
+    desc = {"addrs": ("/ip4/127.0.0.1/tcp/1",), "active_requests": 0, "memory_free": 0, "models": ()}
+    ident = member(1)
+    a = Announcer(ident.peer_id.to_base58(), ident.signing_key, SECRET, lambda: dict(desc), 6.0)
+    assert kinds(a.tick(0.0)) == ["PeerRecord"]
+    assert a.tick(0.1) == []
+    t = a.next_due()
+    assert 1.0 < t <= a.interval
+    assert kinds(a.tick(t)) == ["Heartbeat"]
+    desc["active_requests"] = 1  # load: an early heartbeat, not a full record
+    a.poke()
+    assert kinds(a.tick(t + 0.3)) == ["Heartbeat"]
+    desc["models"] = ("m",)  # the record changed: a full record
+    a.poke()
+    assert kinds(a.tick(t + 0.6)) == ["PeerRecord"]
+    t = t + 0.6
+    while t < FULL_INTERVAL + 5:
+        t = max(t, a.next_due())
+        sent = kinds(a.tick(t))
+        t += 0.01
+        if "PeerRecord" in sent:
+            break
+    assert FULL_INTERVAL - 2 < t < FULL_INTERVAL + 3  # refreshed every ~30 s
+
+
+def test_unknown_heartbeat_leads_to_a_want_and_a_republished_record():
+    a, b = announcer(1), announcer(2)
+    a_full = a.tick(0.0)[0]
+    b.tick(0.0)  # b's first full record is lost
+    hb = b.tick(b.next_due())[0]
+    assert b.receive(b.check(a_full), 0.1).kind == "joined"
+    got = a.receive(a.check(hb), 1.6)
+    assert got.kind == "unknown" and b.peer_id not in a.view
+    out = [m for m in a.tick(2.0) if kinds([m]) == ["Want"]]  # (with a's own heartbeat)
+    assert len(out) == 1 and open_message(out[0], SECRET).wanted == (b.peer_id,)
+    assert b.receive(b.check(out[0]), 2.0).kind == "other"
+    sent = b.tick(max(2.0, b.next_due()))
+    assert kinds(sent) == ["PeerRecord"]
+    assert a.receive(a.check(sent[0]), 2.1).kind == "joined"
+    assert b.peer_id in a.view
+
+
+def test_someone_elses_want_suppresses_ours():
+    a, b, c = announcer(1), announcer(2), announcer(3)
+    a.tick(0.0), b.tick(0.0), c.tick(0.0)
+    hb = b.tick(b.next_due())[0]
+    a.receive(a.check(hb), 1.6)
+    c.receive(c.check(hb), 1.6)
+    want = [m for m in c.tick(2.1) if kinds([m]) == ["Want"]]
+    assert len(want) == 1
+    a.receive(a.check(want[0]), 2.1)
+    assert "Want" not in kinds(a.tick(3.0))
+
+
+def test_stale_and_own_messages():
+    a, b = announcer(1), announcer(2)
+    first = b.tick(0.0)[0]
+    hb = b.tick(b.next_due())[0]
+    a.receive(a.check(first), 0)
+    a.receive(a.check(hb), 2)
+    with pytest.raises(StaleRecord):  # redelivered after a newer one (e.g. after a restart): dropped
+        a.check(first)
+    with pytest.raises(StaleRecord):
+        a.check(hb)
+    # our own record from before a restart comes round: our next seq goes above it
+    restarted = announcer(2)
+    restarted._seq = 0
+    restarted.receive(restarted.check(hb), 0)
+    assert open_message(restarted.tick(0.0)[0], SECRET).seq > open_message(hb, SECRET).seq

@@ -1,9 +1,22 @@
-"""PeerRecord: what a peer says about itself, signed by its key and proven a cluster member.
+"""Gossip messages: what a peer says about itself, signed by its key and proven a cluster member.
 
-Wire form (msgpack): {"r": record bytes, "k": Ed25519 public key, "s": signature, "m": membership MAC}.
-The signature proves the record comes from the peer id it names (the id is derived from the key);
-the MAC, keyed by the cluster secret, proves the signer belongs to this cluster. Both cover the
-exact record bytes, so no field can change in transit.
+Three kinds, every one signed (Ed25519, by the peer it names) and MAC'd (keyed by the cluster secret):
+
+- PeerRecord, the full record (addresses, memory, models, layers, ...), sent when it changes, when
+  asked, and every ~30 s. Wire (msgpack map): {"r": record bytes, "k": Ed25519 public key,
+  "s": signature, "m": membership MAC}.
+- Heartbeat (peer, seq, the seq of its current full record, load: active requests and free memory),
+  sent in between, ~160 bytes. Wire (msgpack array): ["h", body, signature, 16-byte MAC], body =
+  msgpack [peer id bytes, seq, record seq, active requests, memory free]. No key on the wire: an
+  Ed25519 peer id embeds its public key.
+- Want: "please republish your full record", naming peers whose heartbeat reached the sender before
+  (or without) their full record. Wire: ["w", body, signature, 16-byte MAC], body = msgpack
+  [sender peer id bytes, [wanted peer id bytes, ...]].
+
+The signature proves the message comes from the peer id it names (the id is derived from the key);
+the MAC proves the signer belongs to this cluster. Both cover the exact body bytes, so no field can
+change in transit. Records and heartbeats share one seq counter per peer (wall-clock microseconds),
+so the highest seq wins across both kinds.
 """
 
 from __future__ import annotations
@@ -19,8 +32,12 @@ from libp2p.crypto.ed25519 import Ed25519PublicKey as Libp2pEd25519PublicKey
 from libp2p.peer.id import ID
 
 MAX_RECORD_BYTES = 16 * 1024
+MAX_WANTED = 128  # peer ids per Want
 _SIGN_TAG = b"p2pinfer/record/v1\x00"
 _MAC_TAG = b"p2pinfer/member/v1\x00"
+_HB_SIGN_TAG = b"p2pinfer/heartbeat/v1\x00"
+_WANT_SIGN_TAG = b"p2pinfer/want/v1\x00"
+_SHORT_MAC_BYTES = 16
 
 
 class RecordError(Exception):
@@ -116,3 +133,102 @@ def open_sealed(data: bytes, secret: bytes) -> PeerRecord:
     if record.peer_id != signer:
         raise RecordError(f"record names {record.peer_id} but is signed by {signer}")
     return record
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Between full records: "still here" plus the two fields that change all the time."""
+
+    peer_id: str
+    seq: int
+    record_seq: int  # seq of the full record the peer last published: a receiver holding an older one asks
+    active_requests: int = 0
+    memory_free: int = 0
+
+
+@dataclass(frozen=True)
+class Want:
+    """Ask the named peers to republish their full records."""
+
+    peer_id: str  # who asks
+    wanted: tuple[str, ...]
+
+
+def _short_mac(secret: bytes, tag: bytes, body: bytes) -> bytes:
+    return hmac.new(secret, _MAC_TAG + tag + body, hashlib.sha256).digest()[:_SHORT_MAC_BYTES]
+
+
+def _seal_compact(kind: str, tag: bytes, body: bytes, private_key: Ed25519PrivateKey, secret: bytes) -> bytes:
+    return msgpack.packb([kind, body, private_key.sign(tag + body), _short_mac(secret, tag, body)])
+
+
+def seal_heartbeat(hb: Heartbeat, private_key: Ed25519PrivateKey, secret: bytes) -> bytes:
+    body = msgpack.packb(
+        [ID.from_base58(hb.peer_id).to_bytes(), hb.seq, hb.record_seq, hb.active_requests, hb.memory_free]
+    )
+    return _seal_compact("h", _HB_SIGN_TAG, body, private_key, secret)
+
+
+def seal_want(want: Want, private_key: Ed25519PrivateKey, secret: bytes) -> bytes:
+    wanted = [ID.from_base58(p).to_bytes() for p in want.wanted[:MAX_WANTED]]
+    body = msgpack.packb([ID.from_base58(want.peer_id).to_bytes(), wanted])
+    return _seal_compact("w", _WANT_SIGN_TAG, body, private_key, secret)
+
+
+def _peer_of(raw: bytes) -> tuple[str, Ed25519PublicKey]:
+    """The peer id in `raw` and the Ed25519 key it embeds; RecordError for anything else."""
+    try:
+        pid = ID(raw)
+        key = pid.extract_public_key()
+    except Exception as e:
+        raise RecordError(f"undecodable peer id: {type(e).__name__}") from e
+    if not isinstance(key, Libp2pEd25519PublicKey):
+        raise RecordError("peer id does not embed an Ed25519 key")
+    return pid.to_base58(), Ed25519PublicKey.from_public_bytes(key.to_bytes())
+
+
+def _open_compact(env: list, secret: bytes) -> Heartbeat | Want:
+    if len(env) != 4 or not all(isinstance(x, bytes) for x in env[1:]):
+        raise RecordError("undecodable record envelope: bad compact envelope")
+    kind, body, sig, mac = env
+    tag = {"h": _HB_SIGN_TAG, "w": _WANT_SIGN_TAG}.get(kind)
+    if tag is None:
+        raise RecordError(f"undecodable record envelope: unknown kind {str(kind)[:8]!r}")
+    if not hmac.compare_digest(mac, _short_mac(secret, tag, body)):
+        raise RecordError("not signed by a cluster member (membership proof fails)")
+    try:
+        fields = msgpack.unpackb(body, raw=False, max_array_len=MAX_WANTED + 8)
+        if not isinstance(fields, list) or not isinstance(fields[0], bytes):
+            raise TypeError("body must be a list starting with a peer id")
+    except Exception as e:
+        raise RecordError(f"undecodable {kind!r} body: {type(e).__name__}") from e
+    peer_id, key = _peer_of(fields[0])
+    try:
+        key.verify(sig, tag + body)
+    except InvalidSignature as e:
+        raise RecordError("bad signature") from e
+    try:
+        if kind == "h":
+            _pid, seq, record_seq, active, free = fields
+            if not all(type(x) is int and x >= 0 for x in (seq, record_seq, active, free)):
+                raise TypeError("heartbeat fields must be non-negative integers")
+            return Heartbeat(peer_id, seq, record_seq, active, free)
+        _pid, wanted = fields
+        if not isinstance(wanted, list) or not all(isinstance(w, bytes) for w in wanted):
+            raise TypeError("wanted must be a list of peer ids")
+        return Want(peer_id, tuple(ID(w).to_base58() for w in wanted[:MAX_WANTED]))
+    except Exception as e:
+        raise RecordError(f"malformed {kind!r} message: {e}") from e
+
+
+def open_message(data: bytes, secret: bytes) -> PeerRecord | Heartbeat | Want:
+    """Verify and decode any gossip message; raise RecordError naming what is wrong."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"oversized record ({len(data)} bytes > {MAX_RECORD_BYTES})")
+    if data[:1] and 0x90 <= data[0] <= 0x9F:  # a msgpack fixarray: the compact kinds
+        try:
+            env = msgpack.unpackb(data, raw=False, max_bin_len=MAX_RECORD_BYTES, max_str_len=64)
+        except Exception as e:
+            raise RecordError(f"undecodable record envelope: {type(e).__name__}") from e
+        return _open_compact(env, secret)
+    return open_sealed(data, secret)

@@ -5,19 +5,24 @@ Pure state, no I/O: the caller passes `now` (a monotonic clock) so tests need no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from p2pinfer.cluster.record import PeerRecord
+from p2pinfer.cluster.record import Heartbeat, PeerRecord
 
 
 @dataclass
 class Entry:
-    record: PeerRecord
-    received_at: float
+    record: PeerRecord  # the full record, its seq and load fields refreshed by later heartbeats
+    received_at: float  # last full record or heartbeat
+    record_seq: int  # seq of the full record itself
 
 
 class Rejected(Exception):
     """A verified record that still must not change the view (stale seq)."""
+
+
+class Unknown(Exception):
+    """A heartbeat from a peer whose full record this view does not hold: it cannot add a peer."""
 
 
 class View:
@@ -40,8 +45,27 @@ class View:
         if record.leave:
             return self._entries.pop(record.peer_id, None) is not None
         is_new = record.peer_id not in self._entries
-        self._entries[record.peer_id] = Entry(record, now)
+        self._entries[record.peer_id] = Entry(record, now, record.seq)
         return is_new
+
+    def heartbeat(self, hb: Heartbeat, now: float) -> bool:
+        """Refresh a peer's liveness and load. Returns True when the heartbeat announces a newer full
+        record than the one held (the caller should ask for it).
+
+        Raises Rejected for a seq no newer than one already seen, Unknown for a peer not in the view
+        (never added from a heartbeat: only a full record, which carries what elections need, can)."""
+        last = self._high_seq.get(hb.peer_id)
+        if last is not None and hb.seq <= last:
+            raise Rejected(f"stale heartbeat from {hb.peer_id}: seq {hb.seq} <= {last}")
+        e = self._entries.get(hb.peer_id)
+        if e is None:
+            raise Unknown(f"heartbeat from {hb.peer_id}, whose full record is not in the view")
+        self._high_seq[hb.peer_id] = hb.seq
+        e.received_at = now
+        e.record = replace(
+            e.record, seq=hb.seq, active_requests=hb.active_requests, memory_free=hb.memory_free
+        )
+        return hb.record_seq > e.record_seq
 
     def expire(self, now: float) -> list[str]:
         """Drop peers silent for longer than the TTL (never ourselves); return their ids."""

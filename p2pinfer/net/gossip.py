@@ -1,16 +1,38 @@
 """One gossipsub topic, configured deliberately; knows bytes and a validator, nothing of records.
 
+Sized for clusters of 2-100 peers whose messages are small (heartbeats ~160 bytes, full records
+~1 kB) and frequent (every peer, every 1.5 s): mesh degree D=4 (3..6) keeps each message at ~3
+copies per peer per hop (D=6 would be 5) while a 100-peer mesh is still ~4 hops across; IHAVE
+gossip to 3 non-mesh peers about the last 2 heartbeats' messages (a lost copy is found within a
+second or two; the next heartbeat would do too); a 1 s router heartbeat so the mesh forms and heals
+within seconds.
+
 py-libp2p 0.8.1 defaults that would bite: a 10 msg/s per-topic spam limit that silently drops (a
-20-peer cluster publishing each second exceeds it), eclipse protection that wants peers on 3
-distinct IPs (a LAN behind one NAT, or loopback, has fewer), a 32-message subscription queue, and
-a 120 s heartbeat (the mesh would take minutes to form).
+20-peer cluster exceeds it), eclipse protection that wants peers on 3 distinct IPs (a LAN behind one
+NAT, or loopback, has fewer), a 32-message subscription queue, a 120 s heartbeat (the mesh would
+take minutes to form), and "adaptive gossip": when peers connect or disconnect more than 10 times a
+minute (any cluster starting up) it raises the mesh degree by up to 4, IHAVEs to a quarter of all
+peers (quadratic bytes), and stretches the router heartbeat to 30-60 s, so the mesh stops healing
+exactly when it must; more traffic, more load, more churn. It is off, and the IHAVE fan-out is a
+constant (`_get_adaptive_gossip_peers_count` ignores the flag for its floor of 6 and a quarter of
+the peers: overridden).
+
+Each pubsub RPC also carries the sender's signed libp2p peer record (~210 bytes, py-libp2p 0.8.1),
+which the sender re-marshals (~0.15 ms) and the receiver re-verifies (~0.3 ms) on every RPC: the
+same bytes each time. `_cache_sender_records` memoises both (same bytes on the wire; a changed record
+is verified as before), since we do not use libp2p's certified address book beyond what it already
+holds.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+import libp2p
+import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import trio
 from libp2p.abc import IHost
@@ -23,22 +45,79 @@ log = logging.getLogger("p2pinfer.gossip")
 
 SUBSCRIPTION_QUEUE = 1024
 MAX_RPC_BYTES = 256 * 1024
+DEGREE, DEGREE_LOW, DEGREE_HIGH = 4, 3, 6
+GOSSIP_PEERS = 3  # IHAVE targets per router heartbeat
+GOSSIP_WINDOW, GOSSIP_HISTORY = 2, 3  # router heartbeats
+ROUTER_HEARTBEAT_S = 1.0
+LIBP2P_VERSION = "0.8.1"  # what the adjustments below were written against
 
 Validator = Callable[[str, bytes], bool]  # (forwarder peer id, data) -> accept?
+
+
+class _Router(GossipSub):
+    def _get_adaptive_gossip_peers_count(self, topic: str, total_peers: int) -> int:
+        return min(GOSSIP_PEERS, max(0, total_peers))
+
+
+_SENDER_RECORD_TTL_S = 10.0
+_VERIFIED_CACHE = 512
+
+
+def _cache_sender_records() -> None:
+    """Memoise py-libp2p's per-RPC signed peer record: marshalled once per 10 s per host, verified once
+    per distinct (peer, bytes). Idempotent; only the pubsub modules' references are replaced."""
+    if getattr(pubsub_module, "_p2pinfer_cached", False):
+        return
+    if libp2p.__version__ != LIBP2P_VERSION:
+        log.warning("py-libp2p %s, not %s: per-RPC peer records are not cached", libp2p.__version__,
+                    LIBP2P_VERSION)  # fmt: skip
+        return
+    make, consume = pubsub_module.env_to_send_in_RPC, pubsub_module.maybe_consume_signed_record
+    made: dict[int, tuple[float, tuple[bytes, bool]]] = {}
+    verified: OrderedDict[tuple[ID, bytes], None] = OrderedDict()
+
+    def env_to_send_in_RPC(host):  # noqa: N802 (py-libp2p's name)
+        now = time.monotonic()
+        hit = made.get(id(host))
+        if hit is None or now - hit[0] > _SENDER_RECORD_TTL_S:
+            hit = made[id(host)] = (now, make(host))
+        return hit[1]
+
+    def maybe_consume_signed_record(msg, host, peer_id) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        key = (peer_id, bytes(msg.senderRecord))
+        if key in verified:
+            return True
+        ok = consume(msg, host, peer_id)
+        if ok:
+            verified[key] = None
+            if len(verified) > _VERIFIED_CACHE:
+                verified.popitem(last=False)
+        return ok
+
+    for module in (pubsub_module, gossipsub_module):
+        module.env_to_send_in_RPC = env_to_send_in_RPC
+        module.maybe_consume_signed_record = maybe_consume_signed_record
+    pubsub_module._p2pinfer_cached = True
 
 
 class Gossip:
     def __init__(self, host: IHost, topic: str, validator: Validator) -> None:
         self.topic = topic
         self._validator = validator
-        self.router = GossipSub(
+        _cache_sender_records()
+        self.router = _Router(
             [PROTOCOL_ID_V11, PROTOCOL_ID],
-            degree=6,
-            degree_low=4,
-            degree_high=12,
-            heartbeat_interval=1,
+            degree=DEGREE,
+            degree_low=DEGREE_LOW,
+            degree_high=DEGREE_HIGH,
+            gossip_window=GOSSIP_WINDOW,
+            gossip_history=GOSSIP_HISTORY,
+            heartbeat_interval=ROUTER_HEARTBEAT_S,
             heartbeat_initial_delay=0.1,
-            spam_protection_enabled=False,  # our own check: one verified record per seq per peer
+            adaptive_gossip_enabled=False,
+            spam_protection_enabled=False,  # our own check: one verified message per seq per peer
             eclipse_protection_enabled=False,
             time_to_live=30,
         )
