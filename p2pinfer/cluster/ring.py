@@ -30,7 +30,8 @@ Rules, in order:
    given seat by seat so the bounds hold: everyone starts at 1 layer, nobody goes over its capacity,
    each next layer goes to the member furthest below its quota; ties to the earlier ring position.
 
-Cost: O(N^3 * k) for N computing peers (about 20 ms at N = 30, 0.2 s at N = 60), fine for a LAN.
+Cost: two sorts of the N computing peers, then O(k) per peer considered: ~1 ms at N = 1,000
+(benchmarks/election.py).
 """
 
 from __future__ import annotations
@@ -102,16 +103,17 @@ def elect_ring(
 ) -> list[RingMember]:
     if model.n_layers < 1 or model.per_layer_bytes < 1:
         raise ValueError(f"model {model.name}: needs n_layers >= 1 and a positive per-layer size")
-    ids = [c.peer_id for c in candidates]
-    if len(set(ids)) != len(ids):
+    if len({c.peer_id for c in candidates}) != len(candidates):
         raise ValueError("duplicate peer id among candidates")  # which record wins would be order-dependent
 
-    # Sorting by a total order (peer id last) is what makes everything below order-independent.
-    pool = sorted(
-        (c for c in candidates if c.peer_id not in exclude and c.memory_free > 0),
-        key=lambda c: _preference(c, model),
-    )
-    k = next((k for k in range(1, min(model.n_layers, len(pool)) + 1) if _completable([], pool, model, k)), 0)
+    name = model.name
+    if exclude:
+        pool = [c for c in candidates if c.memory_free > 0 and c.peer_id not in exclude]
+    else:
+        pool = [c for c in candidates if c.memory_free > 0]
+    warm_ids = {c.peer_id for c in pool if c.held and any(h[0] == name for h in c.held)}
+    fit = _Fit(pool, model, warm_ids)
+    k = next((k for k in range(1, min(model.n_layers, len(pool)) + 1) if fit.completable([], None, k)), 0)
     if not k:
         available = sum(c.memory_free for c in pool)
         detail = (
@@ -121,19 +123,45 @@ def elect_ring(
         )
         raise ClusterTooSmall(model.name, model.total_bytes, available, detail)
 
-    warm = _warm_ring(pool, model, k)
-    if warm:
-        return warm
+    if warm_ids:
+        warm = _warm_ring(sorted((c for c in pool if c.peer_id in warm_ids), key=fit.key_of), model, k)
+        if warm:
+            return warm
 
-    chosen: list[Candidate] = []
-    for i, c in enumerate(pool):
-        # A peer skipped here can never join later: no valid ring held the prefix plus it.
-        if _completable([*chosen, c], pool[i + 1 :], model, k):
-            chosen.append(c)
-            if len(chosen) == k:
-                break
-    ring = _order(chosen, model)
+    # Members in preference order (a total order, peer id last: the result does not depend on the
+    # order of `candidates`), keeping a peer whenever a valid k-ring with it and those kept exists.
+    # A peer skipped can never join later: no valid ring held the prefix plus it. Peers too small
+    # for any ring with the prefix (an upper bound that only rises as peers are kept) are skipped
+    # without sorting them or checking exactly.
+    if k == 1:
+        whole = model.n_layers * model.per_layer_bytes + model.embed_bytes + model.head_bytes
+        mem = fit.mem
+        chosen = [_most_preferred(pool, [i for i in range(len(pool)) if mem[i] >= whole], warm_ids)]
+    else:
+        mids = fit.mid
+        threshold = fit.threshold([], k)
+        eligible = [i for i in range(len(pool)) if mids[i] >= threshold]
+        eligible.sort(key=fit.key)
+        chosen: list[int] = []
+        for i in eligible:
+            if mids[i] >= threshold and fit.completable([*chosen, i], i, k):
+                chosen.append(i)
+                if len(chosen) == k:
+                    break
+                threshold = fit.threshold(chosen, k)
+    ring = _order([pool[j] for j in chosen], model)
     return _assign_layers(ring, model, _caps(ring, model))
+
+
+def _most_preferred(pool: list[Candidate], idx: list[int], warm_ids: set[str]) -> int:
+    """min(idx, key=preference) in a few cheap passes: warm, then least load, most compute, smallest id."""
+    if warm_ids:
+        idx = [i for i in idx if pool[i].peer_id in warm_ids] or idx
+    low = min(pool[i].load for i in idx)
+    idx = [i for i in idx if pool[i].load == low]
+    high = max(pool[i].compute for i in idx)
+    idx = [i for i in idx if pool[i].compute == high]
+    return min(idx, key=lambda i: pool[i].peer_id)
 
 
 def _preference(c: Candidate, model: ModelNeeds) -> tuple:
@@ -155,39 +183,84 @@ def _valid(caps: list[int], n_layers: int) -> bool:
     return min(caps) >= 1 and sum(caps) >= n_layers
 
 
-def _completable(forced: list[Candidate], rest: list[Candidate], model: ModelNeeds, k: int) -> bool:
-    """Does a valid k-member ring exist holding every peer of `forced`, the others taken from `rest`?
+class _Fit:
+    """Does a valid k-member ring exist holding some forced peers, the others taken from the peers
+    after a given one in preference order? Peers are indices into the (unsorted) pool.
 
-    Only who sits first (embedding) and last (head) matters, so try every such pair; the remaining
-    middle seats are best filled by the largest memories (a middle's capacity grows with memory).
+    Every capacity grows with memory in every seat (first: embedding, last: head, middle), so
+    swapping a member for an unused peer with at least as much memory never breaks a ring: the
+    non-forced members may be taken as the k - |forced| largest memories available (which of equal
+    memories does not matter: the answer is yes or no). What is left is which two members sit at
+    the ends: the pair maximising first(f) - mid(f) + last(l) - mid(l) among those that can sit
+    there. O(k) per check after one sort of the pool by memory.
     """
-    n = model.n_layers
-    if len(forced) > k:
-        return False
-    if k == 1:
-        return any(_cap(c, model, True, True) >= n for c in (forced or rest))
-    everyone = [*forced, *rest]
-    first_cap = {c.peer_id: _cap(c, model, True, False) for c in everyone}
-    mid_cap = {c.peer_id: _cap(c, model, False, False) for c in everyone}
-    last_cap = {c.peer_id: _cap(c, model, False, True) for c in everyone}
-    # At most k - 2 middle seats, and the two ends can take at most two of these away.
-    by_memory = sorted(rest, key=lambda c: -c.memory_free)[:k]
-    for f in everyone:
-        if first_cap[f.peer_id] < 1:
-            continue
-        for last in everyone:
-            if last.peer_id == f.peer_id or last_cap[last.peer_id] < 1:
-                continue
-            ends = (f.peer_id, last.peer_id)
-            mids = [c for c in forced if c.peer_id not in ends]
-            seats = k - 2 - len(mids)
-            fill = [c for c in by_memory if c.peer_id not in ends][: max(seats, 0)]
-            if seats < 0 or len(fill) < seats:
-                continue
-            caps = [first_cap[f.peer_id], last_cap[last.peer_id], *(mid_cap[c.peer_id] for c in mids + fill)]
-            if _valid(caps, n):
-                return True
-    return False
+
+    def __init__(self, pool: list[Candidate], model: ModelNeeds, warm_ids: set[str]) -> None:
+        self.pool, self.model, self.warm_ids = pool, model, warm_ids
+        self.n = model.n_layers
+        self.per = model.per_layer_bytes
+        self.mem = mem = [c.memory_free for c in pool]
+        per = self.per
+        self.mid = [m // per for m in mem]
+        self.by_memory = sorted(range(len(pool)), key=mem.__getitem__, reverse=True)
+        self._keys: dict[int, tuple] = {}
+
+    def key(self, i: int) -> tuple:
+        k = self._keys.get(i)
+        if k is None:
+            c = self.pool[i]
+            k = self._keys[i] = (c.peer_id not in self.warm_ids, c.load, -c.compute, c.peer_id)
+        return k
+
+    def key_of(self, c: Candidate) -> tuple:
+        return (c.peer_id not in self.warm_ids, c.load, -c.compute, c.peer_id)
+
+    def threshold(self, chosen: list[int], k: int) -> int:
+        """A peer with fewer middle-seat layers than this cannot complete a ring with `chosen`:
+        even the largest others (from anywhere, ends as roomy as middles) fall short."""
+        need = k - len(chosen) - 1
+        fill = 0
+        if need > 0:
+            skip = set(chosen)
+            for i in self.by_memory:
+                if i not in skip:
+                    fill += self.mid[i]
+                    need -= 1
+                    if not need:
+                        break
+        return max(1, self.n - sum(self.mid[i] for i in chosen) - fill)
+
+    def completable(self, forced: list[int], after: int | None, k: int) -> bool:
+        n, mem, per, model = self.n, self.mem, self.per, self.model
+        if len(forced) > k:
+            return False
+        if k == 1:
+            i = forced[0] if forced else (self.by_memory[0] if self.by_memory else None)
+            return i is not None and (mem[i] - model.embed_bytes - model.head_bytes) // per >= n
+        members = list(forced)
+        need = k - len(forced)
+        if need:
+            skip = set(forced)
+            after_key = None if after is None else self.key(after)
+            for i in self.by_memory:
+                if i not in skip and (after_key is None or self.key(i) > after_key):
+                    members.append(i)
+                    need -= 1
+                    if not need:
+                        break
+            if need:
+                return False
+        mid = self.mid
+        if min(mid[i] for i in members) < 1:
+            return False
+        total = sum(mid[i] for i in members)
+        if total < n:
+            return False
+        # the best ordered (first, last) pair of distinct members
+        e, h = model.embed_bytes, model.head_bytes
+        fs = sorted(((mem[i] - e) // per - mid[i], i) for i in members if mem[i] - e >= per)[-2:]
+        ls = sorted(((mem[i] - h) // per - mid[i], i) for i in members if mem[i] - h >= per)[-2:]
+        return any(fi != li and total + fa + la >= n for fa, fi in fs for la, li in ls)
 
 
 def _warm_ring(pool: list[Candidate], model: ModelNeeds, k: int) -> list[RingMember] | None:
