@@ -3,9 +3,9 @@
 Sized for clusters of 2-100 peers whose messages are small (heartbeats ~160 bytes, full records
 ~1 kB) and frequent (every peer, every 1.5 s): mesh degree D=4 (3..6) keeps each message at ~3
 copies per peer per hop (D=6 would be 5) while a 100-peer mesh is still ~4 hops across; IHAVE
-gossip to 3 non-mesh peers about the last 2 heartbeats' messages (a lost copy is found within a
-second or two; the next heartbeat would do too); a 1 s router heartbeat so the mesh forms and heals
-within seconds.
+gossip to 3 non-mesh peers about the last router heartbeat's messages (each id is 46 bytes: a
+longer window costs more than the copies it recovers, and the next heartbeat or a Want heals a
+loss anyway); a 1 s router heartbeat so the mesh forms and heals within seconds.
 
 py-libp2p 0.8.1 defaults that would bite: a 10 msg/s per-topic spam limit that silently drops (a
 20-peer cluster exceeds it), eclipse protection that wants peers on 3 distinct IPs (a LAN behind one
@@ -47,7 +47,7 @@ SUBSCRIPTION_QUEUE = 1024
 MAX_RPC_BYTES = 256 * 1024
 DEGREE, DEGREE_LOW, DEGREE_HIGH = 4, 3, 6
 GOSSIP_PEERS = 3  # IHAVE targets per router heartbeat
-GOSSIP_WINDOW, GOSSIP_HISTORY = 2, 3  # router heartbeats
+GOSSIP_WINDOW, GOSSIP_HISTORY = 1, 2  # router heartbeats
 ROUTER_HEARTBEAT_S = 1.0
 LIBP2P_VERSION = "0.8.1"  # what the adjustments below were written against
 
