@@ -129,7 +129,7 @@ class QTensor:
             _fill(parts, "dm", dm, np.float32, device)
             _fill(parts, "scm", _unpack_k_scales(b[..., 4:16]), np.uint8, device)
             if qt == Q.Q5_K:
-                _fill(parts, "qh", b[..., 16:48], np.uint8, device)
+                _fill(parts, "qh", _q5k_qh_to_lanes(b[..., 16:48]), np.uint8, device)
                 _fill(parts, "qs", b[..., 48:].reshape(n, k // block, 4, 32), np.uint8, device)
             else:
                 _fill(parts, "qs", b[..., 16:].reshape(n, k // block, 4, 32), np.uint8, device)
@@ -236,7 +236,7 @@ class QTensor:
             put_f16(2, p["dm"][..., 1])
             out[..., 4:16] = _pack_k_scales(p["scm"])
             if qt == Q.Q5_K:
-                out[..., 16:48] = p["qh"]
+                out[..., 16:48] = _q5k_qh_from_lanes(p["qh"])
                 out[..., 48:] = p["qs"].reshape(n, k // block, 128)
             else:
                 out[..., 16:] = p["qs"].reshape(n, k // block, 128)
@@ -275,6 +275,23 @@ def _unpack_k_scales(s: np.ndarray) -> np.ndarray:
     return np.stack([sc, mn], axis=-2)
 
 
+def _q5k_qh_to_lanes(qh: np.ndarray) -> np.ndarray:
+    """Q5_K high bits: file qh[i] bit s (element 32s+i) -> (.., 8 [s], 4 [i//8]) bytes with bit i%8, so the kernel
+    shifts by the innermost lane index (a constant once unrolled). Same 32 bytes; done in row chunks."""
+    out = np.empty((*qh.shape[:-1], 8, 4), dtype=np.uint8)
+    for r in range(0, qh.shape[0], 4096):
+        bits = np.unpackbits(qh[r : r + 4096, ..., None], axis=-1, bitorder="little")  # (.., 32 [i], 8 [s])
+        bits = np.swapaxes(bits, -1, -2).reshape(*bits.shape[:-2], 8, 4, 8)
+        out[r : r + 4096] = np.packbits(bits, axis=-1, bitorder="little")[..., 0]
+    return out
+
+
+def _q5k_qh_from_lanes(qh2: np.ndarray) -> np.ndarray:
+    bits = np.unpackbits(qh2[..., None], axis=-1, bitorder="little")  # (.., 8 [s], 4, 8)
+    bits = np.swapaxes(bits.reshape(*bits.shape[:-3], 8, 32), -1, -2)  # (.., 32 [i], 8 [s])
+    return np.packbits(np.ascontiguousarray(bits), axis=-1, bitorder="little")[..., 0]
+
+
 def _pack_k_scales(scm: np.ndarray) -> np.ndarray:
     sc, mn = scm[..., 0, :].astype(np.uint8), scm[..., 1, :].astype(np.uint8)
     out = np.empty((*scm.shape[:-2], 12), dtype=np.uint8)
@@ -293,20 +310,152 @@ def _lanes_last(p: Tensor, n_block_axes: int, n_lane_axes: int) -> Tensor:
 
 
 def _shifts(shape: tuple[int, ...], axis: int, mult: int = 1, add: int = 0) -> Tensor:
-    """uint8 shift amounts mult*i+add along `axis` (an arange: index math in the kernel, not a buffer)."""
+    """uint8 shift amounts mult*i+add along `axis`: a STACK of constants (a select on the index in the kernel,
+    constant once the axis is unrolled; no buffer, and unlike Tensor.arange no reduce the scheduler may split)."""
     n = shape[axis]
-    a = Tensor.arange(n, dtype=dtypes.uint8)
-    if mult != 1 or add:
-        a = a * mult + add
+    vec = Tensor.const(tuple(mult * i + add for i in range(n)), dtypes.uint8)
     view = [1] * len(shape)
     view[axis] = n
-    return a.reshape(view)
+    return vec.reshape(view)
 
 
 def qlinear(x: Tensor, w: QTensor) -> Tensor:
-    """x (T, in) float32 -> (T, out) float32 = x @ dequant(w).T as one lazy expression (one fused kernel)."""
+    """x (T, in) float32 -> (T, out) float32 = x @ dequant(w).T: one fused kernel, lazy (works inside TinyJit).
+
+    The kernel is the lazy expression of `qlinear_expr`, scheduled once per (type, shape, T) and re-issued
+    through Tensor.custom_kernel with explicit optimisations (see `_kernel_opts`): tinygrad's CPU heuristic
+    upcasts 3-4 output rows of a matvec, which makes these kernels 5-10x slower than one row per iteration.
+    """
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"qlinear: x has shape {x.shape}, weight is {w.shape} (out, in)")
+    if x.dtype != dtypes.float32:
+        x = x.cast(dtypes.float32)
+    t = x.shape[0]
+    if USE_CUSTOM_KERNEL and isinstance(t, int):
+        key = (w.ggml_type, w.shape, t, w.device, tuple((n, v.shape, v.dtype) for n, v in w.parts.items()))
+        kern = _KERNELS.get(key)
+        if kern is None:
+            try:
+                kern = _KERNELS[key] = _build_kernel(w, t)
+            except Exception as e:  # a tinygrad internals change: keep working with the heuristic's kernel
+                _KERNELS[key] = kern = False
+                import warnings
+
+                warnings.warn(
+                    f"qlinear: explicit kernel options unavailable ({e!r}); using tinygrad's", stacklevel=2
+                )
+        if kern:
+            ast, slots = kern
+            srcs = [
+                Tensor.empty(t * w.shape[0], dtype=dtypes.float32, device=w.device)
+                if name == "_out"
+                else (x if name == "_x" else w.parts[name]).flatten()
+                for name in slots
+            ]
+            outs = Tensor.custom_kernel(*srcs, fxn=lambda *_: ast)
+            return outs[slots.index("_out")].reshape(t, w.shape[0])
+    return qlinear_expr(x, w)
+
+
+USE_CUSTOM_KERNEL = True
+_KERNELS: dict = {}
+
+
+def _build_kernel(w: QTensor, t: int):
+    """Schedule qlinear_expr on placeholder tensors; return (kernel AST with explicit opts, slot -> part name)."""
+    from tinygrad.codegen.opt.postrange import Scheduler
+    from tinygrad.uop.ops import KernelInfo, Ops
+
+    dummies = {name: Tensor.empty(*v.shape, dtype=v.dtype, device=v.device) for name, v in w.parts.items()}
+    xd = Tensor.empty(t, w.shape[1], dtype=dtypes.float32, device=w.device)
+    y = qlinear_expr(xd, QTensor(w.ggml_type, w.shape, dummies))
+    lin = y.schedule_linear()
+    calls = [c for c in lin.src if c.op is Ops.CALL]
+    if len(calls) != 1:
+        raise RuntimeError(f"expected one kernel, got {len(calls)}")
+    call = calls[0]
+    ast = call.src[0]
+    by_buffer = {id(v.uop.buffer): name for name, v in dummies.items()}
+    by_buffer[id(xd.uop.buffer)] = "_x"
+    by_buffer[id(y.uop.buffer)] = "_out"
+    slots = [by_buffer[id(a.buffer)] for a in call.src[1:]]
+    if sorted(slots) != sorted([*dummies, "_x", "_out"]):
+        raise RuntimeError(f"unexpected kernel arguments {slots}")
+    ren = Device[w.device].renderer
+    k = Scheduler(_preprocess(ast), ren)
+    k.convert_loop_to_global()
+    opts = _kernel_opts(k, t, _lane_count(w))
+    new_ast = ast.replace(arg=KernelInfo(name=ast.arg.name, opts_to_apply=tuple(opts)))
+    from tinygrad.codegen import full_rewrite_to_sink
+
+    full_rewrite_to_sink(
+        new_ast, ren
+    )  # raises here (-> fallback) rather than at realize if the opts don't apply
+    return new_ast, slots
+
+
+def _preprocess(ast):
+    """The rewrites tinygrad's codegen runs before choosing opts (codegen.full_rewrite_to_sink), so axis numbers
+    in our opts mean what apply_opts will see."""
+    from tinygrad.codegen import (
+        multi_pm,
+        pm_flatten_range,
+        pm_load_collapse,
+        pm_mops,
+        pm_simplify_ranges,
+        pm_split_ranges,
+        sym,
+    )
+    from tinygrad.uop.ops import graph_rewrite
+
+    sink = graph_rewrite(ast, multi_pm, name="multi_pm")
+    sink = graph_rewrite(sink, pm_mops, name="early movement ops", bottom_up=True)
+    sink = graph_rewrite(sink, pm_load_collapse, name="load collapse")
+    sink = graph_rewrite(sink, pm_split_ranges + pm_flatten_range, ctx={}, name="split ranges")
+    sink = graph_rewrite(sink, sym + pm_flatten_range, name="initial symbolic")
+    return graph_rewrite(sink, pm_flatten_range + pm_simplify_ranges, ctx={}, name="simplify ranges")
+
+
+def _kernel_opts(k, t: int, lanes: int) -> list:
+    """One output row per iteration, the in-block lanes (last reduce axis) unrolled, rows split over threads."""
+    from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
+    from tinygrad.helpers import prod
+    from tinygrad.uop.ops import AxisType
+
+    opts = []
+
+    def attempt(opt) -> bool:
+        try:
+            k.apply_opt(opt)
+        except KernelOptError:
+            return False
+        opts.append(opt)
+        return True
+
+    # the lanes are the trailing reduce axes (they may have been merged or kept apart by the scheduler)
+    while k.unrollable_dims and k.upcast_size() * k.full_shape[k.unrollable_dims[-1]] <= lanes:
+        if not attempt(Opt(OptOps.UNROLL, len(k.unrollable_dims) - 1, 0)):
+            break
+    if k.ren.has_threads and k.ren.global_max is not None:
+        for threads in (32, 16, 12, 8, 6, 5, 4, 3, 2):
+            if threads > k.ren.global_max[0] or prod(k.full_shape) // (128 << 10) < threads:
+                continue
+            axes = [a for a in k.axes_of(AxisType.GLOBAL, AxisType.WEAK) if k.full_shape[a] % threads == 0]
+            if axes and attempt(Opt(OptOps.THREAD, axes[0], threads)):
+                break
+    return opts
+
+
+def _lane_count(w: QTensor) -> int:
+    """How many independent accumulators (in-block lanes) qlinear_expr reduces last."""
+    qt, k = w.ggml_type, w.shape[1]
+    if qt in (Q.F32, Q.F16, Q.BF16):
+        return next(v for v in (16, 8, 4, 2, 1) if k % v == 0)
+    return 16 if qt in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1) else 32
+
+
+def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
+    """The lazy expression behind qlinear (tinygrad picks the kernel options itself)."""
     if x.dtype != dtypes.float32:
         x = x.cast(dtypes.float32)
     qt, (n, k), p = w.ggml_type, w.shape, w.parts
@@ -347,19 +496,19 @@ def qlinear(x: Tensor, w: QTensor) -> Tensor:
         return _lanes_last(prod, 1, 1)
     if qt in (Q.Q4_K, Q.Q5_K):
         nsb = k // 256
-        xr = x.reshape(t, 1, nsb, 4, 2, 32)  # sub-block 2j+h, lane i
-        dm = p["dm"].reshape(1, n, nsb, 1, 1, 2)
-        scm = p["scm"].reshape(1, n, nsb, 2, 4, 2, 1).cast(f32)  # (.., sc|mn, j, h, 1)
-        scale = dm[..., 0:1] * scm[:, :, :, 0]  # (1, n, nsb, 4, 2, 1)
-        mins = dm[..., 1:2] * scm[:, :, :, 1]
-        qs = p["qs"].reshape(1, n, nsb, 4, 1, 32)
-        q = (qs >> _shifts((1, 1, 1, 1, 2, 1), 4, mult=4)) & 15  # h=0 low nibble, h=1 high nibble
+        # element 64j + 32h + 8b + l: sub-block s = 2j+h (nibble h of qs[j, 8b+l]); lanes (b, l)
+        xr = x.reshape(t, 1, nsb, 4, 2, 4, 8)
+        dm = p["dm"].reshape(1, n, nsb, 1, 1, 1, 1, 2)
+        scm = p["scm"].reshape(1, n, nsb, 2, 4, 2, 1, 1).cast(f32)  # (.., sc|mn, j, h, 1, 1)
+        scale = dm[..., 0] * scm[:, :, :, 0]  # (1, n, nsb, 4, 2, 1, 1)
+        mins = dm[..., 1] * scm[:, :, :, 1]
+        qs = p["qs"].reshape(1, n, nsb, 4, 1, 4, 8)
+        q = (qs >> _shifts((1, 1, 1, 1, 2, 1, 1), 4, mult=4)) & 15
         if qt == Q.Q5_K:
-            qh = p["qh"].reshape(1, n, nsb, 1, 1, 32)
-            sh = _shifts((1, 1, 1, 4, 1, 1), 3, mult=2) + _shifts((1, 1, 1, 1, 2, 1), 4)
-            q = q | (((qh >> sh) & 1) << 4)
+            qh = p["qh"].reshape(1, n, nsb, 4, 2, 4, 1)  # byte b of sub-block s holds lanes 8b..8b+7
+            q = q | (((qh >> _shifts((1, 1, 1, 1, 1, 1, 8), 6)) & 1) << 4)
         prod = (scale * q.cast(f32) - mins) * xr
-        return _lanes_last(prod, 3, 1)
+        return _lanes_last(prod, 3, 2)
     if qt == Q.Q6_K:
         nsb = k // 256
         # element 128*n + 64*kk + 32*km + 16*h + i; ql byte 64n+32km+16h+i nibble kk; qh byte 32n+16h+i bits 2k

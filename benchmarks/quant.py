@@ -1,0 +1,154 @@
+"""How fast are the quantised matvec kernels (p2pinfer.engine.quant.qlinear)? Per type and shape: microseconds per
+T=1 call of the compiled kernel itself (called directly, no JIT dispatch), GB/s of resident weight bytes, and the
+ratio against a numpy float32 matvec of the same shape and the machine's memory read bandwidth, all in one run.
+
+    python benchmarks/quant.py [--types Q4_0,Q8_0] [--shapes 1536x576,4096x4096] [--t 1] [--reps 40]
+
+Single-threaded numbers: tinygrad's CPU runtime runs a kernel's core_id slices one after another, and numpy's BLAS
+is pinned to one thread here. DEV=CPU (clang) or DEV=CPU:LLVM choose the backend (default: the engine's choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+from p2pinfer.engine.device import configure_tinygrad_device  # noqa: E402
+
+configure_tinygrad_device()  # DEV must be chosen before tinygrad is imported
+
+import numpy as np  # noqa: E402
+from gguf import GGML_QUANT_SIZES, quants  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from tinygrad import Device, Tensor  # noqa: E402
+from tinygrad.runtime.ops_cpu import CPUProgram  # noqa: E402
+
+from p2pinfer.engine.quant import QTensor, qlinear  # noqa: E402
+
+TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16")
+SHAPES = ((1536, 576), (576, 1536), (49152, 576), (4096, 4096))
+
+
+class KernelRecorder:
+    """Records the CPU programs a realize runs, so they can be re-run and timed directly."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def __enter__(self):
+        self._orig = orig = CPUProgram.__call__
+        calls = self.calls
+
+        def call(prg, *bufs, **kw):
+            calls.append((prg, bufs, kw))
+            return orig(prg, *bufs, **kw)
+
+        CPUProgram.__call__ = call
+        return self
+
+    def __exit__(self, *exc):
+        CPUProgram.__call__ = self._orig
+
+    def time_us(self, reps: int) -> float:
+        """Median over reps of the summed kernel time of one call (CPUProgram(wait=True) returns seconds)."""
+        total = []
+        for _ in range(reps):
+            s = 0.0
+            for prg, bufs, kw in self.calls:
+                s += self._orig(prg, *bufs, **{**kw, "wait": True})
+            total.append(s)
+        return float(np.median(total)) * 1e6
+
+    def threads(self) -> int:
+        return max(kw.get("global_size", (1, 1, 1))[0] for _, _, kw in self.calls)
+
+
+def make_raw(qt, n: int, k: int, rng) -> np.ndarray:
+    """Raw GGUF data for a random (n, k) matrix (K-quants: random quant bytes with sane fp16 scales)."""
+    if qt in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        block, bbytes = GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, (n, k // block, bbytes), dtype=np.uint8)
+        for off in (208,) if qt == Q.Q6_K else (0, 2):
+            raw[..., off : off + 2] = (
+                rng.uniform(0.001, 0.01, (n, k // block, 1)).astype(np.float16).view(np.uint8)
+            )
+        return raw.reshape(n, -1)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    return w if qt == Q.F32 else quants.quantize(w, qt)
+
+
+def bench_numpy(n: int, k: int, reps: int, rng) -> float:
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    x = rng.standard_normal(k, dtype=np.float32)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        w @ x
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)) * 1e6
+
+
+def memory_bandwidth() -> float:
+    """GB/s of a numpy sum over 1 GiB (one thread)."""
+    a = np.ones(1 << 28, dtype=np.float32)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--t", type=int, default=1, help="rows of x (1 = decode)")
+    ap.add_argument("--reps", type=int, default=40)
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    types = [Q[name] for name in args.types.split(",")]
+    rng = np.random.default_rng(0)
+
+    print(f"device {Device.DEFAULT} ({os.environ.get('DEV')}), T={args.t}, python {sys.version.split()[0]}")
+    bw = memory_bandwidth()
+    print(f"memory read bandwidth (numpy sum over 1 GiB, 1 thread): {bw:.1f} GB/s")
+    np_us = {}
+    for n, k in shapes:
+        np_us[(n, k)] = bench_numpy(n, k, args.reps, rng)
+        print(
+            f"numpy f32 matvec {n}x{k}: {np_us[(n, k)]:.0f} us ({n * k * 4 / np_us[(n, k)] / 1e3:.1f} GB/s)"
+        )
+    print()
+    print(
+        f"{'type':6} {'shape':>11} {'us':>9} {'GB/s':>6} {'xBW':>5} {'vs np':>6} {'res/raw':>7} {'thr':>3}  kernel"
+    )
+    for qt in types:
+        for n, k in shapes:
+            block = GGML_QUANT_SIZES[qt][0]
+            if k % block:
+                print(f"{qt.name:6} {n:>5}x{k:<5} skipped: rows not a multiple of {block}")
+                continue
+            w = QTensor.from_raw(make_raw(qt, n, k, rng), qt, (n, k))
+            x = Tensor(rng.standard_normal((args.t, k), dtype=np.float32)).realize()
+            qlinear(x, w).realize()  # compile
+            with KernelRecorder() as rec:
+                qlinear(x, w).realize()
+            us = rec.time_us(args.reps)
+            gbs = w.nbytes / us / 1e3
+            names = ",".join(prg.name for prg, _, _ in rec.calls)
+            print(
+                f"{qt.name:6} {n:>5}x{k:<5} {us:9.1f} {gbs:6.2f} {gbs / bw:5.2f} {np_us[(n, k)] / us:6.2f}"
+                f" {w.nbytes / w.raw_nbytes:7.3f} {rec.threads():>3}  {names}"
+            )
+            del w
+
+
+if __name__ == "__main__":
+    main()
