@@ -1,6 +1,7 @@
 """Gossip benchmark: convergence time and steady-state gossip traffic for N = 5, 10, 20 agents.
 
-Real agent processes on 127.0.0.1 (tests/harness.py), mDNS off. Agents start one after another,
+Real agent processes on 127.0.0.1 (tests/harness.py), mDNS off, --no-compute (no model is loaded:
+this measures the agent's own cost, not the engine's). Agents start one after another,
 each ready before the next; agent i bootstraps to one random earlier agent, so the full mesh and
 every view must come from gossip (records carry addresses, learned peers are dialled).
 
@@ -20,8 +21,11 @@ plus the agent's CPU share (utime+stime from /proc/PID/stat) over the same windo
 
 Views are sampled every second during the window: a view missing anyone there counts as a flap.
 Warnings, errors and tracebacks in the agents' logs are counted and the most common are shown.
+Expiries: "expired from the view" log lines after convergence, all of live peers (nobody is stopped
+until the end). --soak S keeps watching for S more seconds after the window (views every 5 s).
 
-Run: python benchmarks/gossip.py [--sizes 5,10,20] [--window 10] (about 3-4 min on 2 cores).
+Run: python benchmarks/gossip.py [--sizes 5,10,20] [--window 10] [--soak 300] (4-5 min on 2 cores
+without the soak).
 """
 
 from __future__ import annotations
@@ -109,14 +113,14 @@ def wait_ready(a: AgentProcess, timeout: float = 120.0) -> None:
     raise AgentDied(f"{a.name} not ready after {timeout} s")
 
 
-def run_size(n: int, window: float, workdir: Path, rng: random.Random) -> dict:
+def run_size(n: int, window: float, workdir: Path, rng: random.Random, soak: float = 0.0) -> dict:
     secret = new_secret()
     agents: list[AgentProcess] = []
     addrs: list[str] = []
     try:
         t_first = time.monotonic()
         for i in range(n):
-            args = ["--bootstrap", rng.choice(addrs)] if addrs else []
+            args = ["--no-compute", *(["--bootstrap", rng.choice(addrs)] if addrs else [])]
             a = AgentProcess(workdir / f"n{n}", f"a{i:02d}", *args, secret_hex=secret)
             t_last_start = time.monotonic()
             a.start()
@@ -133,6 +137,7 @@ def run_size(n: int, window: float, workdir: Path, rng: random.Random) -> dict:
                 raise AgentDied(f"views did not converge within {CONVERGE_TIMEOUT_S} s")
             time.sleep(0.05)
         t_conv = time.monotonic()
+        log_at_conv = [len(a.log()) for a in agents]
 
         time.sleep(SETTLE_S)
         pids = {a.proc.pid: a for a in agents}
@@ -156,6 +161,15 @@ def run_size(n: int, window: float, workdir: Path, rng: random.Random) -> dict:
         check_alive(agents)  # a killed agent would make the window meaningless
         cpu1 = {pid: cpu_seconds(pid) for pid in pids}
         elapsed = w1 - w0
+        soak_flaps, soak_samples, t_soak = 0, 0, time.monotonic()
+        while time.monotonic() - t_soak < soak:
+            time.sleep(5.0)
+            check_alive(agents)
+            for v in views(agents):
+                soak_samples += 1
+                soak_flaps += v != ids
+        expiries = sum(a.log()[at:].count("expired from the view") for a, at in zip(agents, log_at_conv, strict=True))
+        observed_s = time.monotonic() - t_conv
 
         sent = collections.Counter()
         recv = collections.Counter()
@@ -204,6 +218,10 @@ def run_size(n: int, window: float, workdir: Path, rng: random.Random) -> dict:
             "cpu_max": max(cpu),
             "flaps": flaps,
             "samples": samples,
+            "soak_flaps": soak_flaps,
+            "soak_samples": soak_samples,
+            "expiries": expiries,
+            "observed_s": observed_s,
             "noise": noise,
             "tracebacks": tracebacks,
         }
@@ -223,6 +241,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="5,10,20")
     ap.add_argument("--window", type=float, default=10.0, help="steady-state measurement window (s)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--soak", type=float, default=0.0, help="watch views this many more seconds (s)")
     ap.add_argument("--keep", action="store_true", help="keep the agents' data dirs and logs")
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -235,7 +254,7 @@ def main() -> None:
     for n in sizes:
         for attempt in range(3):
             try:
-                r = run_size(n, args.window, workdir / f"try{attempt}", rng)
+                r = run_size(n, args.window, workdir / f"try{attempt}", rng, args.soak)
                 break
             except (AgentDied, AssertionError) as e:  # e.g. something else on the box killed an agent
                 print(f"N={n}: run {attempt + 1} invalid, retrying: {e}", flush=True)
@@ -244,7 +263,8 @@ def main() -> None:
         results.append(r)
         print(
             f"N={n}: started in {r['startup_s']:.1f} s, converged {r['conv_from_start_s']:.2f} s after the "
-            f"last start, {r['sent_per_agent']:.0f} B/s sent per agent",
+            f"last start, {r['sent_per_agent']:.0f} B/s sent per agent, {r['expiries']} expiries of live peers "
+            f"in {r['observed_s']:.0f} s after convergence",
             flush=True,
         )
 
@@ -252,7 +272,8 @@ def main() -> None:
     print()
     print(
         f"{'N':>3} {'conv s':>7} {'(ready)':>8} {'B/s/agent':>10} {'min':>7} {'max':>7} {'B/s/peer':>9} "
-        f"{'conns':>6} {'pairs':>5} {'dup':>4} {'cpu%':>5} {'cpu%max':>7} {'flaps':>7} {'x B/s/agent':>12} {'x B/s/peer':>11}"
+        f"{'conns':>6} {'pairs':>5} {'dup':>4} {'cpu%':>5} {'cpu%max':>7} {'flaps':>7} {'x B/s/agent':>12} {'x B/s/peer':>11} "
+        f"{'expiries':>8} {'soak flaps':>10}"
     )
     for r in results:
         per_peer = r["sent_per_agent"] / r["n"]
@@ -262,14 +283,15 @@ def main() -> None:
             f"{r['sent_per_agent']:>10.0f} {r['sent_min']:>7.0f} {r['sent_max']:>7.0f} {per_peer:>9.0f} "
             f"{r['conns_per_agent']:>6.1f} {r['pairs']:>5} {r['dup_pairs']:>4} {100 * r['cpu_mean']:>5.1f} {100 * r['cpu_max']:>7.1f} "
             f"{r['flaps']:>3}/{r['samples']:<3} {r['sent_per_agent'] / base['sent_per_agent']:>12.2f} "
-            f"{per_peer / base_peer:>11.2f}"
+            f"{per_peer / base_peer:>11.2f} {r['expiries']:>8} {r['soak_flaps']:>4}/{r['soak_samples']:<5}"
         )
     print(
         f"\nconv s: last agent's process start -> every view holds all N ((ready): from its /health). "
         f"B/s/agent: TCP payload sent per agent over {args.window:.0f} s in steady state (received is "
         f"equal on loopback); B/s/peer: that divided by N. x: ratio to N={base['n']}. "
         f"conns: TCP sockets per agent; pairs: agent pairs with a connection (of N(N-1)/2), dup: pairs "
-        f"with more than one. flaps: view samples missing someone."
+        f"with more than one. flaps: view samples missing someone. expiries: live peers expired from a view "
+        f"after convergence (window and soak). cpu%: of one core per agent over the window."
     )
     for r in results:
         if r["noise"] or r["tracebacks"]:
