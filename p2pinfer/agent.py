@@ -16,6 +16,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from p2pinfer import __version__
 from p2pinfer.api.app import build_app
+from p2pinfer.api.metrics import Metrics
 from p2pinfer.api.openai import OpenAIRoutes
 from p2pinfer.config import ConfigError, Settings, is_loopback_host
 from p2pinfer.device import measure_compute, memory_info
@@ -27,7 +28,13 @@ from p2pinfer.identity import (
     store_secret,
 )
 from p2pinfer.membership import TOPIC, Membership
-from p2pinfer.net.addrs import AddressError, advertised_addrs, parse_multiaddr, parse_peer_addr
+from p2pinfer.net.addrs import (
+    AddressError,
+    advertised_addrs,
+    interface_ipv4s,
+    parse_multiaddr,
+    parse_peer_addr,
+)
 from p2pinfer.net.dialer import Dialer
 from p2pinfer.net.gossip import Gossip
 from p2pinfer.net.host import build_host
@@ -156,7 +163,9 @@ class Agent:
         self.member.linker = self.linker
         self.entry = EntryService(self.peer_id, self.catalog, self.linker, self.membership.view.records,
                                   s.max_requests)  # fmt: skip
-        self.openai = OpenAIRoutes(self.catalog, self.entry, s.model, self.served_models)
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: len(self.membership.view.records()))
+        self.openai = OpenAIRoutes(self.catalog, self.entry, s.model, self.served_models, self.metrics)
 
     # --- what we tell the cluster ------------------------------------------
     def memory_offer(self) -> int:
@@ -190,6 +199,18 @@ class Agent:
     def listen_addrs(self) -> list[str]:
         return list(self._addrs)
 
+    def own_hosts(self) -> set[str]:
+        """Names this peer answers to in a Host header, besides loopback (the DNS rebinding guard)."""
+        hosts = {a.split("/")[2] for a in self._addrs}
+        http_host = self.settings.http_host
+        if http_host in ("0.0.0.0", "::", ""):
+            hosts.update(interface_ipv4s())
+        else:
+            hosts.add(http_host)
+        name = socket.gethostname()
+        hosts.update({name, f"{name}.local"})
+        return hosts
+
     def status(self) -> str:
         return "stopping" if self._stopping else "ok"
 
@@ -220,7 +241,9 @@ class Agent:
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = 1.0
-        app = build_app(self, self.api_key, self.http_routes())
+        s = self.settings
+        app = build_app(self, self.api_key, self.http_routes(), metrics=self.metrics, own_hosts=self.own_hosts,
+                        allowed_hosts=s.allowed_hosts, cors_origins=s.cors_origins)  # fmt: skip
         await hypercorn_serve(app, config, task_status=task_status)
 
     async def _on_mdns_peer(self, peer: str, addrs: list[str]) -> None:

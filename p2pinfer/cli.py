@@ -53,6 +53,11 @@ def _run_parser(sub) -> None:
     p.add_argument("--model", help="default model (default smollm2-135m)")
     p.add_argument("--max-requests", type=int, help="requests served at once before 429 (default 8)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", metavar="NAME",
+                   help="Host header name to answer besides loopback and this peer's addresses, repeatable "
+                   "('*' turns the DNS rebinding guard off)")  # fmt: skip
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
+                   help="origin (http://host:port) whose web pages may call the API, repeatable; '*' needs an API key")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +75,42 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path)
         if name == "invite":
             p.add_argument("--cluster-secret-file", type=Path)
+    _client_parsers(sub)
     return parser
+
+
+def _client_parsers(sub) -> None:
+    for name, text in (("chat", "chat with the cluster in the terminal"), ("status", "table of the cluster's peers")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--url", help="a peer's HTTP endpoint (default: the local agent's, else http://127.0.0.1:52415)")
+        p.add_argument("--api-key-file", type=Path, help="file holding the API key (or set P2PINFER_API_KEY)")
+        p.add_argument("--data-dir", type=Path, help="where the local agent recorded its HTTP address")
+        if name == "status":
+            p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
+                           help="redraw every SECONDS (default 1) until Ctrl-C")  # fmt: skip
+            continue
+        p.add_argument("--model", help="model to chat with (default: the first the cluster serves)")
+        p.add_argument("--system", help="system prompt")
+        for field, kind in (("temperature", float), ("top-p", float), ("top-k", int), ("min-p", float),
+                            ("max-tokens", int), ("seed", int), ("repetition-penalty", float)):  # fmt: skip
+            p.add_argument(f"--{field}", type=kind, help="(default: the model's recommended value)"
+                           if field != "max-tokens" and field != "seed" else None)  # fmt: skip
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from p2pinfer.console import Chat, ChatSession, ClientError, Peer, default_url, read_key, run_status
+
+    try:
+        peer = Peer(args.url or default_url(args.data_dir), read_key(args.api_key_file))
+        if args.command == "status":
+            return run_status(peer, args.watch)
+        sampling = {k: v for k in ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
+                                   "repetition_penalty") if (v := getattr(args, k)) is not None}  # fmt: skip
+        history = (args.data_dir or load_settings({}).data_dir) / "chat_history"
+        return Chat(ChatSession(peer, args.model, sampling, args.system), history_file=history).run()
+    except ClientError as e:
+        print(f"p2pinfer: {e}", file=sys.stderr)
+        return 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -124,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     from p2pinfer.identity import IdentityError
 
     try:
-        return {"run": _cmd_run, "id": _cmd_id, "invite": _cmd_invite}[args.command](args)
+        return {"run": _cmd_run, "id": _cmd_id, "invite": _cmd_invite, "chat": _cmd_client,
+                "status": _cmd_client}[args.command](args)  # fmt: skip
     except (ConfigError, IdentityError) as e:
         print(f"p2pinfer: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,8 @@ class Settings:
     model: str = DEFAULT_MODEL
     max_requests: int = 8
     log_level: str = "INFO"
+    allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered besides our own
+    cors_origins: list[str] = field(default_factory=list)  # origins whose pages may call the API
 
     def validate(self) -> None:
         if self.peer_ttl <= 0:
@@ -68,12 +70,19 @@ class Settings:
                 f"--http-host {self.http_host} is reachable beyond this machine: give --api-key-file "
                 "so the endpoint is not an open door"
             )
+        if "*" in self.cors_origins and self.api_key_file is None:
+            raise ConfigError(
+                "--cors-origin '*' lets every web page call this peer: it needs --api-key-file as well"
+            )
+        for o in self.cors_origins:
+            if o != "*" and not re.match(r"^https?://[^/\s]+$", o):
+                raise ConfigError(f"--cors-origin {o!r} must be an origin like http://host:port (no path), or *")
         if self.max_requests < 1:
             raise ConfigError("--max-requests must be at least 1")
 
 
 _PATHS = {"data_dir", "api_key_file", "cluster_secret_file"}
-_LISTS = {"listen", "bootstrap", "models_dirs"}
+_LISTS = {"listen", "bootstrap", "models_dirs", "allowed_hosts", "cors_origins"}
 
 
 def _coerce(name: str, value):

@@ -1,4 +1,8 @@
-"""The ASGI app every peer serves: health, the cluster view, and (from serve/) the OpenAI routes."""
+"""The ASGI app every peer serves: the page, health, the cluster view, metrics, and the OpenAI routes.
+
+Middleware, outermost first: Host allow-list (403), request counting, CORS (only for --cors-origin),
+API key (401; the page itself is public, it asks for the key), JSON-only bodies (415).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,17 @@ from typing import Protocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from p2pinfer import __version__
+from p2pinfer.api.metrics import CountRequests, Metrics
+from p2pinfer.api.security import HostGuard, JsonBodyGuard
+
+PUBLIC_PATHS = {"/", "/favicon.ico"}  # the page asks for the key itself and sends it with every call
 
 
 class AgentInfo(Protocol):
@@ -42,7 +51,7 @@ class ApiKeyMiddleware:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.api_key is not None:
+        if scope["type"] == "http" and self.api_key is not None and scope["path"] not in PUBLIC_PATHS:
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
@@ -57,7 +66,33 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(agent: AgentInfo, api_key: str | None, extra_routes: list[BaseRoute] = ()) -> Starlette:
+def page_html() -> bytes:
+    from importlib.resources import files
+
+    return files("p2pinfer.api").joinpath("static/index.html").read_bytes()
+
+
+def build_app(
+    agent: AgentInfo,
+    api_key: str | None,
+    extra_routes: list[BaseRoute] = (),
+    *,
+    metrics: Metrics | None = None,
+    own_hosts=lambda: set(),
+    allowed_hosts: list[str] = (),
+    cors_origins: list[str] = (),
+) -> Starlette:
+    metrics = metrics or Metrics()
+    page = page_html()
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+                                           "Content-Security-Policy": "default-src 'self' 'unsafe-inline'; "
+                                           "img-src 'self' data:; frame-ancestors 'none'"})  # fmt: skip
+
+    async def favicon(request: Request) -> Response:
+        return Response(status_code=204)
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse(
             {
@@ -80,12 +115,23 @@ def build_app(agent: AgentInfo, api_key: str | None, extra_routes: list[BaseRout
         return openai_error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     routes = [
+        Route("/", index),
+        Route("/favicon.ico", favicon),
+        Route("/metrics", metrics.endpoint),
         Route("/health", health),
         Route("/v1/cluster", cluster),
         *extra_routes,
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(ApiKeyMiddleware, api_key=api_key)],
+        middleware=[
+            Middleware(HostGuard, own_hosts=own_hosts, allowed=list(allowed_hosts), error=openai_error),
+            Middleware(CountRequests, metrics=metrics),
+            *([Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type"], max_age=600)]
+              if cors_origins else []),
+            Middleware(ApiKeyMiddleware, api_key=api_key),
+            Middleware(JsonBodyGuard, error=openai_error),
+        ],  # fmt: skip
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )

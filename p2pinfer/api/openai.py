@@ -1,4 +1,8 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, and /v1/requests.
+
+Sampling fields a client leaves out take the model's recommended values (GGUF `general.sampling.*`,
+generation_config.json), else llama-server's defaults (engine/generation_defaults.py): the official
+SDKs send no temperature at all, and a small model sampled raw at temperature 1 rambles.
 
 Requests are validated here and turned into a Generation for the entry service; tokens come back
 as they are sampled and go out as SSE chunks (or one JSON body). Generation runs inside the
@@ -10,8 +14,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from starlette.requests import Request
@@ -20,11 +25,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from p2pinfer.api.app import openai_error
+from p2pinfer.api.metrics import Metrics
 from p2pinfer.engine import EngineError, ModelCatalog, Tokenizer, UnknownModelError
+from p2pinfer.engine.generation_defaults import model_recommended, sampling_defaults
+from p2pinfer.engine.sampling import MAX_TOP_LOGPROBS
 from p2pinfer.serve.entry import EntryService, Generation, RequestError
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_STOP_SEQUENCES = 4
+RECENT_REQUESTS = 20  # finished requests /v1/requests keeps (the page shows them)
 
 
 class BadRequest(Exception):
@@ -80,6 +89,38 @@ class Parsed:
     stops: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: no logprobs; n: the chosen token's and the n most likely
+
+
+@dataclass
+class Tracked:
+    """One request entered here, as /v1/requests and the page show it."""
+
+    id: str
+    model: str
+    prompt_tokens: int
+    started: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.time)
+    ring: list = field(default_factory=list)
+    replays: int = 0
+    tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    state: str = "waiting"  # waiting (electing, loading), generating, done, error, cancelled
+    finish: str | None = None
+
+    def to_dict(self) -> dict:
+        ttft = self.first_token_at - self.started if self.first_token_at else None
+        tps = None
+        if self.first_token_at and self.last_token_at and self.tokens > 1 and self.last_token_at > self.first_token_at:
+            tps = (self.tokens - 1) / (self.last_token_at - self.first_token_at)
+        end = self.last_token_at if self.state in ("done", "error", "cancelled") and self.last_token_at else None
+        return {"id": self.id, "model": self.model, "created": int(self.created), "state": self.state,
+                "finish": self.finish, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
+                "ring": self.ring, "replays": self.replays,
+                "ttft": round(ttft, 3) if ttft is not None else None,
+                "tokens_per_second": round(tps, 2) if tps is not None else None,
+                "elapsed": round((end or time.monotonic()) - self.started, 2)}  # fmt: skip
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default, integer: bool = False):
@@ -110,20 +151,43 @@ def _message_text(content) -> str:
 
 class OpenAIRoutes:
     def __init__(self, catalog: ModelCatalog, entry: EntryService, default_model: str,
-                 served_models: Callable[[], list[str]]) -> None:  # fmt: skip
+                 served_models: Callable[[], list[str]], metrics: Metrics | None = None) -> None:  # fmt: skip
         self.catalog = catalog
         self.entry = entry
         self.default_model = default_model
         self.served_models = served_models
+        self.metrics = metrics or Metrics()
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenizer_lock = trio.Lock()
+        self.active: dict[str, Tracked] = {}
+        self.recent: deque[Tracked] = deque(maxlen=RECENT_REQUESTS)
+        entry.on_ring = self._on_ring
 
     def routes(self) -> list[Route]:
         return [
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/requests", self.requests, methods=["GET"]),
         ]
+
+    def _on_ring(self, rid: str, ring, attempt: int) -> None:
+        self.metrics.ring_size.observe(len(ring))
+        if attempt:
+            self.metrics.replays.inc()
+        t = self.active.get(rid)
+        if t is not None:
+            t.ring = [[m.peer_id, m.start, m.end] for m in ring]
+            t.replays = attempt
+
+    async def requests(self, request: Request) -> JSONResponse:
+        """Requests entered at this peer: in flight, then the last finished ones (newest first)."""
+        items = [t.to_dict() for t in self.active.values()] + [t.to_dict() for t in reversed(self.recent)]
+        return JSONResponse({"object": "list", "data": items})
+
+    def defaults_for(self, model: str) -> dict:
+        entry = self.catalog.get(model)
+        return sampling_defaults(entry.path, entry.format)
 
     async def tokenizer(self, model: str) -> Tokenizer:
         """Built once per model, in a thread: building one takes seconds, which would stall gossip."""
@@ -140,10 +204,20 @@ class OpenAIRoutes:
             pass  # reported when a request asks for it
 
     async def models(self, request: Request) -> JSONResponse:
-        names = sorted(set(self.served_models()))
-        return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "p2pinfer"} for n in names
-        ]})  # fmt: skip
+        """Every model some peer serves; for those this peer knows, context length and sampling defaults."""
+        data = []
+        for n in sorted(set(self.served_models())):
+            item = {"id": n, "object": "model", "created": 0, "owned_by": "p2pinfer"}
+            try:
+                e = self.catalog.get(n)
+            except UnknownModelError:
+                pass
+            else:
+                item.update(context_length=e.context_length, n_layers=e.n_layers, format=e.format, arch=e.arch,
+                            sampling_defaults=sampling_defaults(e.path, e.format),
+                            sampling_defaults_from_model=sorted(model_recommended(e.path, e.format)))  # fmt: skip
+            data.append(item)
+        return JSONResponse({"object": "list", "data": data})
 
     async def _body(self, request: Request) -> dict:
         raw = await request.body()
@@ -155,7 +229,7 @@ class OpenAIRoutes:
             raise BadRequest("request body must be a JSON object")
         return body
 
-    async def _parse_common(self, body: dict, prompt_of: Callable[[Tokenizer], list[int]]) -> Parsed:
+    async def _parse_common(self, body: dict, prompt_of: Callable[[Tokenizer], list[int]], chat: bool) -> Parsed:
         model = body.get("model") or self.default_model
         if not isinstance(model, str):
             raise BadRequest("'model' must be a string", "model")
@@ -182,12 +256,31 @@ class OpenAIRoutes:
         ctx = entry.context_length
         max_new = _number(body, "max_completion_tokens", 1, 10**9, None, integer=True)
         max_new = _number(body, "max_tokens", 1, 10**9, max_new, integer=True)
+        d = sampling_defaults(entry.path, entry.format)
         sampling = {
-            "temperature": float(_number(body, "temperature", 0, 2, 1.0)),
-            "top_p": float(_number(body, "top_p", 0, 1, 1.0)),
-            "top_k": int(_number(body, "top_k", 0, 10**6, 0, integer=True)),
+            "temperature": float(_number(body, "temperature", 0, 2, d["temperature"])),
+            "top_p": float(_number(body, "top_p", 0, 1, d["top_p"])),
+            "top_k": int(_number(body, "top_k", 0, 10**6, d["top_k"], integer=True)),
+            "min_p": float(_number(body, "min_p", 0, 1, d["min_p"])),
+            "repetition_penalty": float(_number(body, "repetition_penalty", 0, 10, d["repetition_penalty"])),
+            "frequency_penalty": float(_number(body, "frequency_penalty", -2, 2, d["frequency_penalty"])),
+            "presence_penalty": float(_number(body, "presence_penalty", -2, 2, d["presence_penalty"])),
             "seed": _number(body, "seed", -(2**63), 2**63 - 1, None, integer=True),
         }
+        if sampling["repetition_penalty"] <= 0:
+            raise BadRequest("'repetition_penalty' must be greater than 0", "repetition_penalty")
+        logprobs = None
+        if chat:
+            want = body.get("logprobs")
+            if want is not None and not isinstance(want, bool):
+                raise BadRequest("'logprobs' must be a boolean", "logprobs")
+            top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+            if top is not None and not want:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            logprobs = (top or 0) if want else None
+        else:
+            logprobs = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+        sampling["logprobs"] = logprobs
         if sampling["top_p"] == 0:
             sampling["top_p"], sampling["temperature"] = 1.0, 0.0  # top_p 0 means "only the best token"
         if sampling["seed"] is not None and sampling["seed"] < 0:
@@ -207,7 +300,7 @@ class OpenAIRoutes:
         elif max_new > room:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_new}) exceed {model}'s context of {ctx}",
                              "max_tokens", "context_length_exceeded")  # fmt: skip
-        return Parsed(model, prompt, max_new, sampling, stops, stream, bool(opts.get("include_usage")))
+        return Parsed(model, prompt, max_new, sampling, stops, stream, bool(opts.get("include_usage")), logprobs)
 
     async def chat(self, request: Request) -> Response:
         try:
@@ -229,7 +322,7 @@ class OpenAIRoutes:
                     )
                 role = "system" if m["role"] == "developer" else m["role"]
                 msgs.append({"role": role, "content": _message_text(m.get("content"))})
-            parsed = await self._parse_common(body, lambda tok: tok.render_chat(msgs))
+            parsed = await self._parse_common(body, lambda tok: tok.render_chat(msgs), chat=True)
         except Exception as e:
             return _error_response(e)
         return Completion(self, parsed, chat=True)
@@ -246,11 +339,11 @@ class OpenAIRoutes:
                 and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
             ):
                 ids = list(prompt)
-                parsed = await self._parse_common(body, lambda tok: ids)
+                parsed = await self._parse_common(body, lambda tok: ids, chat=False)
                 if any(not 0 <= t < self.catalog.get(parsed.model).vocab_size for t in ids):
                     raise BadRequest("prompt token id out of range", "prompt")
             elif isinstance(prompt, str):
-                parsed = await self._parse_common(body, lambda tok: tok.encode(prompt))
+                parsed = await self._parse_common(body, lambda tok: tok.encode(prompt), chat=False)
             else:
                 raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
         except Exception as e:
@@ -267,13 +360,15 @@ class Completion(Response):
         self.created = int(time.time())
         self.background = None
 
-    def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def _chunk(self, text: str | None, finish: str | None, first: bool = False, lps: list | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            logprobs = {"content": lps, "refusal": None} if lps else None
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": self._completion_logprobs(lps) if lps else None,
+                      "finish_reason": finish}  # fmt: skip
             obj = "text_completion"
         return {
             "id": self.id,
@@ -290,21 +385,51 @@ class Completion(Response):
             "total_tokens": len(self.p.prompt) + n,
         }
 
+    def _logprob_entry(self, tokenizer: Tokenizer, ev) -> dict:
+        """OpenAI's chat shape for one token: token, logprob, bytes, top_logprobs."""
+
+        def one(tid: int, lp: float) -> dict:
+            b = tokenizer.token_bytes(tid)
+            return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+
+        entry = one(ev.token, float(ev.logprob if ev.logprob is not None else 0.0))
+        entry["top_logprobs"] = [one(int(t), float(lp)) for t, lp in (ev.top or [])]
+        return entry
+
+    def _completion_logprobs(self, lps: list[dict]) -> dict:
+        """The legacy completions shape, from chat-shaped entries."""
+        offsets, pos = [], self._text_offset
+        for e in lps:
+            offsets.append(pos)
+            pos += len(e["token"])
+        self._text_offset = pos
+        return {"tokens": [e["token"] for e in lps], "token_logprobs": [e["logprob"] for e in lps],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in lps],
+                "text_offset": offsets}  # fmt: skip
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        p = self.p
-        tokenizer = await self.routes.tokenizer(p.model)
+        p, routes, metrics = self.p, self.routes, self.routes.metrics
+        tokenizer = await routes.tokenizer(p.model)
         eos = tuple(tokenizer.eos_token_ids)
-        gen = Generation(p.model, p.prompt, p.max_new, p.sampling, eos)
+        gen = Generation(p.model, p.prompt, p.max_new, p.sampling, eos, request_id=self.id)
         decoder, stops = tokenizer.decoder(), StopMatcher(p.stops)
         started = False
         text_parts: list[str] = []
+        lp_pending: list[dict] = []  # logprob entries not yet sent with a chunk
+        lp_all: list[dict] = []
+        self._text_offset = 0
         n_tokens, finish, stopped = 0, "stop", False
+        track = Tracked(self.id, p.model, len(p.prompt))
+        routes.active[self.id] = track
+        metrics.active.inc()
+        metrics.tokens.labels(p.model, "prompt").inc(len(p.prompt))
 
         async def out(text: str) -> None:
             if not text:
                 return
             if p.stream:
-                await _sse(send, self._chunk(text, None))
+                lps, lp_pending[:] = list(lp_pending), []
+                await _sse(send, self._chunk(text, None, lps=lps))
             else:
                 text_parts.append(text)
 
@@ -314,71 +439,99 @@ class Completion(Response):
             if self.chat:
                 await _sse(send, self._chunk(None, None, first=True))
 
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                nursery.cancel_scope.cancel()  # the client is gone: stop the ring
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if track.state in ("waiting", "generating"):
+                        track.state = "cancelled"
+                    nursery.cancel_scope.cancel()  # the client is gone: stop the ring
 
-            nursery.start_soon(watch_disconnect)
-            try:
-                failure = None
-                async with self.routes.entry.generate(gen) as events:
-                    async for ev in events:
-                        if ev.kind == "error":
-                            failure = ev.error  # raised below, outside generate(): no exception group
-                            break
-                        if ev.kind == "done":
-                            finish = ev.reason
-                            break
-                        if not started and p.stream:
-                            await start_stream()
-                            started = True
-                        n_tokens += 1
-                        text, stopped = stops.feed(decoder.feed(ev.token))
-                        await out(text)
-                        if stopped:  # leaving the block cancels the ring
-                            finish = "stop"
-                            break
-                if failure is not None:
-                    raise failure
-                if not stopped:
-                    await out(stops.feed(decoder.flush())[0] + stops.flush())
-            except Exception as e:
-                while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-                    e = e.exceptions[0]
-                with trio.move_on_after(5):
-                    if started:  # headers are out: report in-band, as OpenAI does mid-stream
-                        await _sse(send, {"error": {"message": str(e), "type": "server_error",
-                                                    "code": getattr(e, "status", 500)}})  # fmt: skip
-                        await _sse_done(send)
-                    else:
-                        await _error_response(e)(scope, receive, send)
-                nursery.cancel_scope.cancel()
-                return
-            if p.stream:
-                if not started:
-                    await start_stream()
-                await _sse(send, self._chunk(None, finish))
-                if p.include_usage:
-                    await _sse(send, {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                                      "created": self.created, "model": p.model, "choices": [],
-                                      "usage": self._usage(n_tokens)})  # fmt: skip
-                await _sse_done(send)
-            else:
-                text = "".join(text_parts)
-                if self.chat:
-                    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                              "finish_reason": finish}  # fmt: skip
-                    obj = "chat.completion"
+                nursery.start_soon(watch_disconnect)
+                try:
+                    failure = None
+                    async with routes.entry.generate(gen) as events:
+                        async for ev in events:
+                            if ev.kind == "error":
+                                failure = ev.error  # raised below, outside generate(): no exception group
+                                break
+                            if ev.kind == "done":
+                                finish = ev.reason
+                                break
+                            now = time.monotonic()
+                            if track.first_token_at is None:
+                                track.first_token_at, track.state = now, "generating"
+                                metrics.ttft.labels(p.model).observe(now - track.started)
+                            track.last_token_at, track.tokens = now, track.tokens + 1
+                            if not started and p.stream:
+                                await start_stream()
+                                started = True
+                            n_tokens += 1
+                            if p.logprobs is not None:
+                                entry = self._logprob_entry(tokenizer, ev)
+                                lp_pending.append(entry)
+                                lp_all.append(entry)
+                            text, stopped = stops.feed(decoder.feed(ev.token))
+                            await out(text)
+                            if stopped:  # leaving the block cancels the ring
+                                finish = "stop"
+                                break
+                    if failure is not None:
+                        raise failure
+                    if not stopped:
+                        await out(stops.feed(decoder.flush())[0] + stops.flush())
+                except Exception as e:
+                    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                        e = e.exceptions[0]
+                    track.state, track.finish = "error", "error"
+                    with trio.move_on_after(5):
+                        if started:  # headers are out: report in-band, as OpenAI does mid-stream
+                            await _sse(send, {"error": {"message": str(e), "type": "server_error",
+                                                        "code": getattr(e, "status", 500)}})  # fmt: skip
+                            await _sse_done(send)
+                        else:
+                            await _error_response(e)(scope, receive, send)
+                    nursery.cancel_scope.cancel()
+                    return
+                track.state, track.finish = "done", finish
+                if p.stream:
+                    if not started:
+                        await start_stream()
+                    if lp_pending:  # logprobs of tokens whose text was held back or empty
+                        await _sse(send, self._chunk(None, None, lps=list(lp_pending)))
+                    await _sse(send, self._chunk(None, finish))
+                    if p.include_usage:
+                        await _sse(send, {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                                          "created": self.created, "model": p.model, "choices": [],
+                                          "usage": self._usage(n_tokens)})  # fmt: skip
+                    await _sse_done(send)
                 else:
-                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-                    obj = "text_completion"
-                body = {"id": self.id, "object": obj, "created": self.created, "model": p.model,
-                        "choices": [choice], "usage": self._usage(n_tokens)}  # fmt: skip
-                await JSONResponse(body)(scope, receive, send)
-            nursery.cancel_scope.cancel()
+                    text = "".join(text_parts)
+                    if self.chat:
+                        lp = {"content": lp_all, "refusal": None} if p.logprobs is not None else None
+                        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                                  "finish_reason": finish}  # fmt: skip
+                        obj = "chat.completion"
+                    else:
+                        lp = self._completion_logprobs(lp_all) if p.logprobs is not None else None
+                        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+                        obj = "text_completion"
+                    body = {"id": self.id, "object": obj, "created": self.created, "model": p.model,
+                            "choices": [choice], "usage": self._usage(n_tokens)}  # fmt: skip
+                    await JSONResponse(body)(scope, receive, send)
+                nursery.cancel_scope.cancel()
+        finally:
+            if track.state in ("waiting", "generating"):
+                track.state = "cancelled"
+            routes.active.pop(self.id, None)
+            routes.recent.append(track)
+            metrics.active.dec()
+            metrics.tokens.labels(p.model, "completion").inc(track.tokens)
+            metrics.completions.labels(p.model, track.finish or track.state).inc()
+            if track.tokens > 1 and track.last_token_at > track.first_token_at:
+                metrics.tps.labels(p.model).observe((track.tokens - 1) / (track.last_token_at - track.first_token_at))
 
 
 async def _sse(send: Send, obj: dict) -> None:

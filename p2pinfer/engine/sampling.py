@@ -1,10 +1,20 @@
-"""Turning last-position logits into a token id: greedy, temperature, top-k, top-p, seeded."""
+"""Turning last-position logits into a token id: penalties, greedy or temperature, top-k, top-p, min-p, seeded.
+
+Order (per step): penalties on the logits (over the last `penalty_last_n` tokens, prompt included, as
+llama.cpp does), then greedy when temperature is 0, else temperature, top-k, top-p, min-p, draw.
+Log-probabilities, when asked for, are those of the model's own distribution (raw logits, before any
+penalty or filter), as OpenAI and vLLM report them.
+"""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+PENALTY_LAST_N = 64  # llama.cpp's default window for repetition / frequency / presence penalties
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -14,29 +24,90 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
-    # penalties slot in here later (repetition/presence/frequency) and are applied in Sampler.sample
+    min_p: float = 0.0  # keep tokens with p >= min_p * p(best)
+    repetition_penalty: float = 1.0  # HF / llama.cpp: logits of recent tokens divided (>0) or multiplied (<0)
+    frequency_penalty: float = 0.0  # OpenAI: minus count * penalty
+    presence_penalty: float = 0.0  # OpenAI: minus penalty once a token is present
+    logprobs: int | None = None  # None = none; n >= 0: the chosen token's logprob and the n most likely
+    recent: tuple[int, ...] = ()  # tokens before the first sampled one (the prompt's tail), for penalties
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+        object.__setattr__(self, "recent", tuple(int(t) for t in self.recent))  # msgpack gives a list
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p <= 1:
             raise ValueError(
-                f"bad sampling params: temperature={self.temperature} top_p={self.top_p} top_k={self.top_k}"
+                f"bad sampling params: temperature={self.temperature} top_p={self.top_p} "
+                f"top_k={self.top_k} min_p={self.min_p}"
             )
+        if self.repetition_penalty <= 0 or not -2 <= self.frequency_penalty <= 2 or not -2 <= self.presence_penalty <= 2:
+            raise ValueError(
+                f"bad penalties: repetition_penalty={self.repetition_penalty} (must be > 0), "
+                f"frequency_penalty={self.frequency_penalty}, presence_penalty={self.presence_penalty} (-2..2)"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 class Sampler:
-    """Stateful per request: the seeded generator advances token by token, so a seed reproduces a whole run."""
+    """Stateful per request: the seeded generator advances token by token, so a seed reproduces a whole run.
+
+    After each sample(), `last_logprob` holds the chosen token's log-probability and `last_top` the
+    `logprobs` most likely tokens as [(id, logprob), ...] (when params.logprobs is set).
+    """
 
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.window: deque[int] = deque(params.recent[-PENALTY_LAST_N:], maxlen=PENALTY_LAST_N)
+        self.last_logprob: float | None = None
+        self.last_top: list[tuple[int, float]] = []
 
     def is_stop(self, token_id: int) -> bool:
         return token_id in self.params.stop_token_ids
 
-    def sample(self, logits: np.ndarray) -> int:
+    def _penalize(self, logits: np.ndarray) -> np.ndarray:
         p = self.params
-        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if not p.penalized or not self.window:
+            return logits
+        ids, counts = np.unique(np.fromiter(self.window, dtype=np.int64), return_counts=True)
+        ok = (ids >= 0) & (ids < logits.size)
+        ids, counts = ids[ok], counts[ok]
+        logits = logits.copy()
+        sel = logits[ids]
+        if p.repetition_penalty != 1.0:
+            sel = np.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+        sel = sel - counts * p.frequency_penalty - (counts > 0) * p.presence_penalty
+        logits[ids] = sel
+        return logits
+
+    def _record_logprobs(self, logits: np.ndarray, token: int) -> None:
+        n = self.params.logprobs
+        if n is None:
+            return
+        shifted = logits - logits.max()
+        logz = np.log(np.exp(shifted).sum())
+        lp = shifted - logz
+        self.last_logprob = float(lp[token])
+        if n:
+            top = np.argpartition(-lp, min(n, lp.size - 1))[:n]
+            top = top[np.argsort(-lp[top], kind="stable")]
+            self.last_top = [(int(i), float(lp[i])) for i in top]
+        else:
+            self.last_top = []
+
+    def sample(self, logits: np.ndarray) -> int:
+        raw = np.asarray(logits, dtype=np.float64).reshape(-1)
+        token = self._choose(self._penalize(raw))
+        self._record_logprobs(raw, token)
+        self.window.append(token)
+        return token
+
+    def _choose(self, logits: np.ndarray) -> int:
+        p = self.params
         if p.temperature == 0.0:
             return int(np.argmax(logits))
         scaled = logits / p.temperature
@@ -48,5 +119,8 @@ class Sampler:
         if p.top_p < 1.0:
             # keep the smallest prefix whose mass reaches top_p (always at least the best token)
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        if p.min_p > 0.0:
+            keep = int(np.count_nonzero(probs >= p.min_p * probs[0]))  # probs are sorted: a prefix
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         return int(order[self.rng.choice(len(order), p=probs)])

@@ -88,6 +88,10 @@ class Tokenizer:
     def decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """Public name for what a token stands for, as bytes (logprobs report these)."""
+        return self._token_bytes(token_id)
+
     def _token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for (special tokens stream as nothing)."""
         piece = self.backend.id_to_token(token_id)

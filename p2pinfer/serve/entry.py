@@ -19,6 +19,7 @@ import trio
 from p2pinfer.cluster.record import PeerRecord
 from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, elect_ring
 from p2pinfer.engine import ModelCatalog, ModelEntry
+from p2pinfer.engine.sampling import PENALTY_LAST_N
 from p2pinfer.serve import protocol as P
 from p2pinfer.serve.links import Link, LinkClosed, Linker
 from p2pinfer.tasks import open_nursery
@@ -53,8 +54,9 @@ class Generation:
     model: str
     prompt: list[int]
     max_new: int
-    sampling: dict  # temperature, top_p, top_k, seed
+    sampling: dict  # protocol.SAMPLING_KEYS but "recent" (the entry adds it per ring)
     stop_ids: tuple[int, ...]
+    request_id: str = ""  # the API's id, so /v1/requests and metrics can follow the ring
 
 
 @dataclass
@@ -63,6 +65,8 @@ class Event:
     token: int = 0
     reason: str = ""
     error: RequestError | None = None
+    logprob: float | None = None
+    top: list | None = None  # [[id, logprob], ...]
 
 
 def model_needs(entry: ModelEntry) -> ModelNeeds:
@@ -99,6 +103,7 @@ class EntryService:
         self.max_requests = max_requests
         self.active = 0
         self.rings: dict[str, list[RingMember]] = {}  # request id -> its current ring, for /v1/cluster
+        self.on_ring: Callable[[str, list[RingMember], int], None] = lambda rid, ring, attempt: None
 
     def elect(self, entry: ModelEntry, exclude: frozenset[str] = frozenset()) -> list[RingMember]:
         try:
@@ -127,7 +132,7 @@ class EntryService:
         self.elect(entry)  # fail fast with 503 before any streaming starts
         tx, rx = trio.open_memory_channel[Event](1024)
         self.active += 1
-        rid = uuid.uuid4().hex
+        rid = gen.request_id or uuid.uuid4().hex
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._drive, rid, entry, gen, tx)
@@ -156,6 +161,7 @@ class EntryService:
                 try:
                     ring = self.elect_avoiding(entry, excluded)
                     self.rings[rid] = ring
+                    self.on_ring(rid, ring, attempt)
                     if attempt:
                         log.info("request %s: replaying %d prompt + %d generated tokens on ring %s", rid[:12],
                                  len(gen.prompt), len(generated), _ring_str(ring))  # fmt: skip
@@ -181,6 +187,10 @@ class EntryService:
         prompt = np.array(gen.prompt + generated, dtype=np.int32)
         max_new = gen.max_new - len(generated)
         ring_t = tuple((m.peer_id, m.start, m.end) for m in ring)
+        sampling = dict(gen.sampling)
+        if any(sampling.get(k) not in (None, 0, 0.0) for k in ("frequency_penalty", "presence_penalty")) or \
+                sampling.get("repetition_penalty", 1.0) != 1.0:  # fmt: skip
+            sampling["recent"] = prompt[-PENALTY_LAST_N:].tolist()  # the last member never sees the ids
         async with AsyncExitStack() as stack:
             controls: list[Link] = []
             for m in ring:
@@ -189,7 +199,7 @@ class EntryService:
                 except LinkClosed as e:
                     raise MemberFailed(m.peer_id, str(e)) from e
             for i, link in enumerate(controls):
-                req = P.OpenRequest(rid, entry.name, entry.n_layers, ring_t, i, gen.sampling, gen.stop_ids,
+                req = P.OpenRequest(rid, entry.name, entry.n_layers, ring_t, i, sampling, gen.stop_ids,
                                     max_new, int(prompt.size) + max_new)  # fmt: skip
                 await self._send(link, req.to_header())
             with trio.move_on_after(READY_TIMEOUT) as scope, first_error():
@@ -255,7 +265,7 @@ class EntryService:
             if kind == P.TOK:
                 tok = int(frame.header["id"])
                 generated.append(tok)
-                await tx.send(Event("token", token=tok))
+                await tx.send(Event("token", token=tok, logprob=frame.header.get("lp"), top=frame.header.get("top")))
             elif kind == P.DONE:
                 finish.append(str(frame.header.get("reason", "stop")))
                 return

@@ -209,7 +209,10 @@ class Member:
         if sampler.is_stop(tok):
             await control.send({"t": P.DONE, "reason": "stop"})
             return True
-        await control.send({"t": P.TOK, "id": tok})
+        tok_frame = {"t": P.TOK, "id": tok}
+        if sampler.params.logprobs is not None:
+            tok_frame["lp"], tok_frame["top"] = sampler.last_logprob, [list(x) for x in sampler.last_top]
+        await control.send(tok_frame)
         if n >= max_new:
             await control.send({"t": P.DONE, "reason": "length"})
             return True

@@ -4,7 +4,8 @@ Control link (entry -> each member, one per member per request):
   entry -> member  open   {rid, model, n_layers, ring: [[peer, start, end]...], i, sampling, stop_ids, max_new, ctx}
   member -> entry  ready  {} | error {code, msg}
   entry -> member  start  {}            (index 0's start frame carries the prompt as an int32 tensor)
-  last -> entry    tok    {id}  ...  done {reason: "stop" | "length"}
+  last -> entry    tok    {id, [lp, top]}  ...  done {reason: "stop" | "length"}
+                   (lp: the token's logprob, top: [[id, logprob]...], when sampling asks for logprobs)
   entry -> member  cancel {}            (or simply closing the link)
 Data link (member i -> member i+1, and last -> first for the next token):
   data {rid}  then  h {last: bool} + float32 hidden (T, H)  |  tok {id}  |  done {}
@@ -23,7 +24,8 @@ OPEN, READY, START, TOK, DONE, ERROR, CANCEL, DATA, HIDDEN = (
 WIRE_PREFILL_CHUNK = 128
 
 
-SAMPLING_KEYS = {"temperature", "top_p", "top_k", "seed"}
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "seed", "min_p", "repetition_penalty", "frequency_penalty",
+                 "presence_penalty", "logprobs", "recent"}
 
 
 class ProtocolError(Exception):
