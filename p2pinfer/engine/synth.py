@@ -14,6 +14,7 @@ same for a given seed whatever the other dimensions are.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -46,18 +47,26 @@ def _tokenizer_source(vocab_from: str | os.PathLike | None) -> Path:
     return Path(vocab_from)
 
 
-def _copy_tokenizer(writer, source: Path) -> int:
-    """Copy every tokenizer.* field of `source` verbatim; returns the vocabulary size."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(source: Path) -> tuple[tuple, ...]:
+    """Every tokenizer.* field of `source` as (key, value, type, sub_type); parsing SmolLM2's vocabulary
+    costs seconds, so it is read once per process."""
     import gguf
 
     reader = gguf.GGUFReader(source, "r")
-    n_vocab = None
+    out = []
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
-        value = field.contents()
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+            out.append((key, field.contents(), vtype, sub))
+    return tuple(out)
+
+
+def _copy_tokenizer(writer, source: Path) -> int:
+    """Copy every tokenizer.* field of `source` verbatim; returns the vocabulary size."""
+    n_vocab = None
+    for key, value, vtype, sub in _tokenizer_fields(Path(source).resolve()):
         writer.add_key_value(key, value, vtype, sub)
         if key == "tokenizer.ggml.tokens":
             n_vocab = len(value)
