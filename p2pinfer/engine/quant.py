@@ -369,7 +369,15 @@ def _build_kernel(w: QTensor, t: int):
     dummies = {name: Tensor.empty(*v.shape, dtype=v.dtype, device=v.device) for name, v in w.parts.items()}
     xd = Tensor.empty(t, w.shape[1], dtype=dtypes.float32, device=w.device)
     y = qlinear_expr(xd, QTensor(w.ggml_type, w.shape, dummies))
-    lin = y.schedule_linear()
+    # qlinear is first called while TinyJit captures a step (the engine captures on the first call), and a
+    # capturing JIT swallows the schedule: plan this placeholder kernel outside of it
+    from tinygrad.engine import realize
+
+    saved, realize.capturing[:] = list(realize.capturing), []
+    try:
+        lin = y.schedule_linear()
+    finally:
+        realize.capturing[:] = saved
     calls = [c for c in lin.src if c.op is Ops.CALL]
     if len(calls) != 1:
         raise RuntimeError(f"expected one kernel, got {len(calls)}")
@@ -446,12 +454,12 @@ def _kernel_opts(k, t: int, lanes: int) -> list:
     return opts
 
 
+# elements per iteration to unroll (trailing reduce axes): the 16 lanes plus the small block axes after them
+UNROLL = {Q.Q8_0: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 64}
+
+
 def _lane_count(w: QTensor) -> int:
-    """How many independent accumulators (in-block lanes) qlinear_expr reduces last."""
-    qt, k = w.ggml_type, w.shape[1]
-    if qt in (Q.F32, Q.F16, Q.BF16):
-        return next(v for v in (16, 8, 4, 2, 1) if k % v == 0)
-    return 16 if qt in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1) else 32
+    return UNROLL.get(w.ggml_type, 16)
 
 
 def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
@@ -492,23 +500,27 @@ def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
         return _lanes_last(prod, 1, 1)
     if qt == Q.Q8_0:
         nb = k // 32
-        prod = p["d"].reshape(1, n, nb, 1) * p["qs"].reshape(1, n, nb, 32).cast(f32) * x.reshape(t, 1, nb, 32)
-        return _lanes_last(prod, 1, 1)
+        # 16 lanes, the two halves of a block as a (unrolled) block axis: 32 accumulators were 6x slower (LLVM)
+        qs = p["qs"].reshape(1, n, nb, 2, 16).cast(f32)
+        prod = p["d"].reshape(1, n, nb, 1, 1) * qs * x.reshape(t, 1, nb, 2, 16)
+        return _lanes_last(prod, 2, 1)
     if qt in (Q.Q4_K, Q.Q5_K):
         nsb = k // 256
-        # element 64j + 32h + 8b + l: sub-block s = 2j+h (nibble h of qs[j, 8b+l]); lanes (b, l)
-        xr = x.reshape(t, 1, nsb, 4, 2, 4, 8)
+        # element 64j + 32h + 16c + i: sub-block s = 2j+h, nibble h of qs[j, 16c+i]; 16 lanes i
+        xr = x.reshape(t, 1, nsb, 4, 2, 2, 16)
         dm = p["dm"].reshape(1, n, nsb, 1, 1, 1, 1, 2)
         scm = p["scm"].reshape(1, n, nsb, 2, 4, 2, 1, 1).cast(f32)  # (.., sc|mn, j, h, 1, 1)
         scale = dm[..., 0] * scm[:, :, :, 0]  # (1, n, nsb, 4, 2, 1, 1)
         mins = dm[..., 1] * scm[:, :, :, 1]
-        qs = p["qs"].reshape(1, n, nsb, 4, 1, 4, 8)
+        qs = p["qs"].reshape(1, n, nsb, 4, 1, 2, 16)
         q = (qs >> _shifts((1, 1, 1, 1, 2, 1, 1), 4, mult=4)) & 15
         if qt == Q.Q5_K:
-            qh = p["qh"].reshape(1, n, nsb, 4, 2, 4, 1)  # byte b of sub-block s holds lanes 8b..8b+7
-            q = q | (((qh >> _shifts((1, 1, 1, 1, 1, 1, 8), 6)) & 1) << 4)
+            # re-laid qh: byte 2c + i//8 of sub-block s holds bit i%8 of lanes 16c + 8(i//8) ..
+            qh = p["qh"].reshape(1, n, nsb, 4, 2, 2, 2, 1)
+            hb = ((qh >> _shifts((1, 1, 1, 1, 1, 1, 1, 8), 7)) & 1).reshape(1, n, nsb, 4, 2, 2, 16)
+            q = q | (hb << 4)
         prod = (scale * q.cast(f32) - mins) * xr
-        return _lanes_last(prod, 3, 2)
+        return _lanes_last(prod, 4, 1)
     if qt == Q.Q6_K:
         nsb = k // 256
         # element 128*n + 64*kk + 32*km + 16*h + i; ql byte 64n+32km+16h+i nibble kk; qh byte 32n+16h+i bits 2k
@@ -520,5 +532,5 @@ def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
         q = nib | (((qh >> hsh) & 3) << 4)
         sc = p["sc"].reshape(1, n, nsb, 2, 2, 2, 2, 1).cast(f32) * p["d"].reshape(1, n, nsb, 1, 1, 1, 1, 1)
         prod = sc * (q.cast(f32) - 32.0) * xr
-        return _lanes_last(prod, 4, 2)
+        return _lanes_last(prod, 5, 1)
     raise UnsupportedModelError(f"qlinear: GGUF tensor type {qt.name} is not supported")
