@@ -89,17 +89,28 @@ def test_missing_tensor_file_named_at_load(tmp_path, tiny_dir):
         Shard.load(entry, 0, 1, warm=False)
 
 
-def test_unsupported_quant_type_named(monkeypatch):
-    from gguf import quants
+def test_unsupported_quant_type_named(tmp_path):
+    """A real GGUF whose layer matrix is Q2_K (a type the kernels do not run): one sentence naming both."""
+    import gguf
 
     from p2pinfer.engine.gguf_loader import GGUFSource
 
-    def refuse(data, qtype):
-        raise NotImplementedError(f"no {qtype}")
-
-    monkeypatch.setattr(quants, "dequantize", refuse)
-    src = GGUFSource(embedded_model_path())
-    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_q\.weight.*Q4_1"):
+    path = tmp_path / "q2k.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 256),
+                       ("feed_forward_length", 256), ("attention.head_count", 4)):  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_uint32("llama.vocab_size", 8)
+    q2k_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q2_K][1]
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((256, q2k_block), np.uint8),
+                 raw_shape=(256, q2k_block), raw_dtype=gguf.GGMLQuantizationType.Q2_K)  # fmt: skip
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    src = GGUFSource(path)
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_q\.weight.*Q2_K"):
         src.layer(0)
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import EngineError, UnknownModelError
-from .model_config import KV_BYTES, WEIGHT_BYTES, ModelConfig
+from .model_config import KV_BYTES, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ def embedded_model_path() -> Path | None:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """Byte counts are what this engine allocates (float32 weights and KV, see model_config).
+    """Byte counts are what this engine holds resident: weights in their file encoding (engine/quant.py's
+    layout, see weights.resident_nbytes), float32 vectors and KV.
 
-    embed_bytes is the host-side embedding table in the file's encoding (GGUF keeps it quantized).
-    head_bytes is the final norm plus the float32 LM head: with tied embeddings the last shard still
-    holds its own copy, so it is counted in full; only when one shard holds both ends of an HF model
-    with tied weights is the matrix shared (embed_reuses_head) and counted once by shard_bytes().
+    embed_bytes is the token embedding (held by the first shard), head_bytes the final norm plus the LM
+    head (held by the last). With tied embeddings both are one matrix: a shard holding both ends keeps one
+    copy (embed_reuses_head), and shard_bytes() counts it once.
     """
 
     name: str
@@ -72,10 +72,8 @@ class ModelEntry:
         return cls(**{**d, "eos_token_ids": tuple(d["eos_token_ids"])})
 
 
-def entry_for(
-    name: str, path: Path, fmt: str, cfg: ModelConfig, eos_token_ids: tuple[int, ...], embed_bytes: int
-) -> ModelEntry:
-    head = cfg.vocab_size * cfg.hidden_size * WEIGHT_BYTES
+def entry_for(name: str, path: Path, fmt: str, source) -> ModelEntry:
+    cfg: ModelConfig = source.config
     return ModelEntry(
         name=name,
         path=str(path),
@@ -85,12 +83,12 @@ def entry_for(
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
         context_length=cfg.context_length,
-        layer_bytes=cfg.layer_param_count() * WEIGHT_BYTES,
-        embed_bytes=embed_bytes,
-        head_bytes=head + cfg.hidden_size * WEIGHT_BYTES,
+        layer_bytes=source.layer_nbytes(0),
+        embed_bytes=source.embedding_nbytes(),
+        head_bytes=source.head_nbytes(),
         kv_bytes_per_token_per_layer=2 * cfg.kv_size * KV_BYTES,
-        eos_token_ids=eos_token_ids,
-        embed_reuses_head=cfg.tie_embeddings and fmt == "hf",
+        eos_token_ids=source.eos_token_ids(),
+        embed_reuses_head=cfg.tie_embeddings,
     )
 
 
@@ -111,12 +109,12 @@ def describe(path: Path, name: str) -> ModelEntry:
         from .gguf_loader import GGUFSource
 
         src = GGUFSource(path)
-        entry = entry_for(name, path, "gguf", src.config, src.eos_token_ids(), src.embedding_nbytes())
+        entry = entry_for(name, path, "gguf", src)
     else:
         from .hf_loader import HFSource
 
         src = HFSource(path)
-        entry = entry_for(name, path, "hf", src.config, src.eos_token_ids(), src.embedding_nbytes())
+        entry = entry_for(name, path, "hf", src)
     src.close()
     return entry
 

@@ -1,4 +1,8 @@
-"""GGUF (llama.cpp) files: metadata, tokenizer fields and dequantized tensors, read lazily per tensor."""
+"""GGUF (llama.cpp) files: metadata, tokenizer fields, and tensors read lazily one at a time.
+
+Weight matrices stay in their file encoding (QTensor: packed blocks copied straight out of the mmap);
+only the small vectors (norms, biases) become float32 numpy arrays.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError
 from .model_config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
-from .weights import EmbeddingTable
+from .weights import resident_nbytes
 
 # llama.cpp names -> the engine's canonical per-layer names
 _LAYER_NAMES = {
@@ -52,6 +56,14 @@ def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo convert_hf_to_gguf's LlamaModel.permute: llama.cpp rotates adjacent pairs, HF rotates halves."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rotary_row_order(rows: int, n_heads: int) -> np.ndarray:
+    """The same as a row order, to apply to packed (quantised) rows without dequantising them."""
+    return _unpermute_rotary(np.arange(rows), n_heads)
+
+
+_MATRICES = frozenset(("q", "k", "v", "o", "gate", "up", "down"))
 
 
 class GGUFSource:
@@ -104,13 +116,17 @@ class GGUFSource:
             rope_scaling=scaling,
         )
 
-    def tensor(self, name: str) -> np.ndarray:
-        """One tensor as float32 in numpy (row-major, HF orientation), dequantized from its GGUF type."""
-        from gguf import GGMLQuantizationType, quants
-
+    def _info(self, name: str):
         t = self.tensors.get(name)
         if t is None:
             raise ModelFileError(f"{self.path}: tensor {name} missing")
+        return t
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A small tensor (norm, bias) as float32 numpy, dequantized from its GGUF type."""
+        from gguf import GGMLQuantizationType, quants
+
+        t = self._info(name)
         try:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 out = np.asarray(t.data, dtype=np.float32)
@@ -125,54 +141,80 @@ class GGUFSource:
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims innermost first
         return out.reshape(shape)
 
-    def layer(self, index: int) -> dict[str, np.ndarray]:
-        prefix = f"blk.{index}."
-        out = {}
+    def matrix(self, name: str, row_order: np.ndarray | None = None):
+        """A weight matrix (out, in) as a QTensor in its file encoding; rows reordered on the packed bytes."""
+        from .quant import QTensor
+
+        t = self._info(name)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if len(shape) != 2:
+            raise ModelFileError(f"{self.path}: tensor {name} has shape {shape}, expected a matrix")
+        raw = t.data
+        if row_order is not None:
+            raw = np.asarray(raw).reshape(shape[0], -1)[row_order]  # a copy of the packed rows only
+        try:
+            return QTensor.from_raw(raw, t.tensor_type, shape)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{self.path}: tensor {name}: {e}") from e
+        except (ValueError, IndexError) as e:
+            raise ModelFileError(f"{self.path}: tensor {name} is truncated or corrupt: {e}") from e
+
+    def _matrix_nbytes(self, name: str) -> int:
+        t = self._info(name)
+        return resident_nbytes(t.tensor_type.name, int(t.n_elements))
+
+    def layer(self, index: int) -> dict:
+        """Matrices as QTensors, the rest as float32 numpy; canonical names, HF orientation and rotary layout."""
+        prefix, cfg = f"blk.{index}.", self.config
+        permute = cfg.arch == "llama"  # only the llama converter permutes; qwen GGUFs keep HF's layout
+        out: dict = {}
         for gguf_name, name in _LAYER_NAMES.items():
-            if prefix + gguf_name in self.tensors:
-                out[name] = self.tensor(prefix + gguf_name)
-        cfg = self.config
-        if cfg.arch == "llama":  # only the llama converter permutes; qwen GGUFs keep HF's layout
-            out["q"] = _unpermute_rotary(out["q"], cfg.n_heads)
-            out["k"] = _unpermute_rotary(out["k"], cfg.n_kv_heads)
-            if "q_bias" in out:
-                out["q_bias"] = _unpermute_rotary(out["q_bias"], cfg.n_heads)
-                out["k_bias"] = _unpermute_rotary(out["k_bias"], cfg.n_kv_heads)
+            full = prefix + gguf_name
+            if full not in self.tensors:
+                continue
+            if name in _MATRICES:
+                order = None
+                if permute and name in ("q", "k"):
+                    rows = int(self.tensors[full].shape[-1])
+                    order = rotary_row_order(rows, cfg.n_heads if name == "q" else cfg.n_kv_heads)
+                out[name] = self.matrix(full, order)
+            else:
+                out[name] = self.tensor(full)
+                if permute and name in ("q_bias", "k_bias"):
+                    heads = cfg.n_heads if name == "q_bias" else cfg.n_kv_heads
+                    out[name] = _unpermute_rotary(out[name], heads)
         return out
 
+    def layer_nbytes(self, index: int) -> int:
+        """Resident bytes of layer `index` once loaded (packed matrices + float32 vectors)."""
+        prefix, total = f"blk.{index}.", 0
+        for gguf_name, name in _LAYER_NAMES.items():
+            t = self.tensors.get(prefix + gguf_name)
+            if t is not None:
+                total += self._matrix_nbytes(t.name) if name in _MATRICES else int(t.n_elements) * 4
+        return total
+
+    def _head_name(self) -> str:
+        return "token_embd.weight" if self.config.tie_embeddings else "output.weight"
+
     def embedding_nbytes(self) -> int:
-        """What embedding_table() will hold: float32 for float files, the raw quant blocks otherwise."""
-        from gguf import GGMLQuantizationType
+        return self._matrix_nbytes("token_embd.weight")
 
-        t = self.tensors["token_embd.weight"]
-        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            return int(t.n_elements) * 4
-        return int(t.n_bytes)
+    def head_nbytes(self) -> int:
+        """The LM head plus the final norm (a tied head is counted: the last shard holds it)."""
+        return self._matrix_nbytes(self._head_name()) + self.config.hidden_size * 4
 
-    def embedding_table(self) -> EmbeddingTable:
-        """The token embedding kept in its GGUF encoding (copied out of the mmap); rows dequantized on lookup."""
-        from gguf import GGMLQuantizationType, quants
-
-        t = self.tensors.get("token_embd.weight")
-        if t is None:
-            raise ModelFileError(f"{self.path}: tensor token_embd.weight missing")
-        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            return EmbeddingTable(np.array(t.data, dtype=np.float32))
-        qtype = t.tensor_type
-        rows = np.array(t.data)  # (vocab, bytes per row): rows are independent runs of quant blocks
-        try:
-            quants.dequantize(rows[:1], qtype)
-        except NotImplementedError as e:
-            raise UnsupportedModelError(
-                f"{self.path}: token_embd.weight has unsupported type {qtype.name}"
-            ) from e
-        return EmbeddingTable(rows, lambda picked: quants.dequantize(picked, qtype))
+    def embedding(self):
+        """The token embedding as a QTensor; the same object as lm_head() when the model ties them."""
+        if getattr(self, "_embedding", None) is None:
+            self._embedding = self.matrix("token_embd.weight")
+        return self._embedding
 
     def final_norm(self) -> np.ndarray:
         return self.tensor("output_norm.weight")
 
-    def lm_head(self) -> np.ndarray:
-        return self.tensor("token_embd.weight" if self.config.tie_embeddings else "output.weight")
+    def lm_head(self):
+        return self.embedding() if self.config.tie_embeddings else self.matrix("output.weight")
 
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = gguf_field(self.reader, "tokenizer.ggml.eos_token_id")
@@ -185,3 +227,4 @@ class GGUFSource:
     def close(self) -> None:
         self.reader = None
         self.tensors = {}
+        self._embedding = None

@@ -1,4 +1,7 @@
-"""Hugging Face model directories: config.json + *.safetensors (single file or index), read per tensor."""
+"""Hugging Face model directories: config.json + *.safetensors (single file or index), read per tensor.
+
+Matrices keep their stored precision (F16/BF16 stay 16-bit, F32 stays 32-bit) as QTensors; vectors become float32.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError
-from .model_config import SUPPORTED_ARCHS, WEIGHT_BYTES, ModelConfig, RopeScaling
-from .weights import EmbeddingTable
+from .model_config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
+from .weights import resident_nbytes
 
 _ARCH_BY_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -123,7 +126,6 @@ class HFSource:
             raise ModelFileError(f"model directory not found: {self.path}")
         self.config = config_from_hf(read_json(self.path / "config.json"), self.path / "config.json")
         self._headers: dict[Path, dict] = {}
-        self._open: dict[Path, object] = {}
         self._file_of = self._tensor_files()
 
     def _tensor_files(self) -> dict[str, Path]:
@@ -144,9 +146,7 @@ class HFSource:
     def has(self, name: str) -> bool:
         return name in self._file_of
 
-    def tensor(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
+    def _entry(self, name: str) -> tuple[Path, dict, dict]:
         path = self._file_of.get(name)
         if path is None:
             raise ModelFileError(f"{self.path}: tensor {name} missing")
@@ -157,44 +157,83 @@ class HFSource:
         entry = header.get(name)
         if entry is None:
             raise ModelFileError(f"{path}: tensor {name} missing")
+        return path, header, entry
+
+    def _raw(self, name: str) -> tuple[np.ndarray, str, tuple[int, ...]]:
+        """The stored values, memory-mapped: (array, safetensors dtype, shape); BF16 as its uint16 bit patterns."""
+        path, header, entry = self._entry(name)
+        np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(entry["dtype"])
+        if np_dtype is None:
+            raise UnsupportedModelError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        shape = tuple(int(d) for d in entry["shape"])
         try:
-            if entry["dtype"] == "BF16":  # numpy has no bfloat16: widen the raw bits by hand
-                start, end = entry["data_offsets"]
-                raw = np.memmap(
-                    path,
-                    dtype=np.uint16,
-                    mode="r",
-                    offset=header["__data_start__"] + start,
-                    shape=((end - start) // 2,),
-                )
-                return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
-            handle = self._open.get(path)
-            if handle is None:
-                handle = self._open[path] = safe_open(str(path), framework="np")
-            return np.asarray(handle.get_tensor(name), dtype=np.float32)
-        except Exception as e:
+            raw = np.memmap(path, dtype=np_dtype, mode="r", offset=header["__data_start__"] + start,
+                            shape=((end - start) // np.dtype(np_dtype).itemsize,))  # fmt: skip
+            return raw.reshape(shape), entry["dtype"], shape
+        except (OSError, ValueError) as e:
             raise ModelFileError(f"{path}: cannot read tensor {name}: {e}") from e
 
-    def layer(self, index: int) -> dict[str, np.ndarray]:
-        prefix = f"model.layers.{index}."
-        return {name: self.tensor(prefix + hf) for hf, name in _LAYER_NAMES.items() if self.has(prefix + hf)}
+    def tensor(self, name: str) -> np.ndarray:
+        """A small tensor (norm, bias) as float32 numpy."""
+        raw, dtype, _ = self._raw(name)
+        if dtype == "BF16":  # numpy has no bfloat16: widen the raw bits by hand
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(raw, dtype=np.float32)
 
-    def embedding(self) -> np.ndarray:
-        return self.tensor("model.embed_tokens.weight")
+    def matrix(self, name: str):
+        """A weight matrix (out, in) as a QTensor in its stored precision."""
+        from .quant import QTensor
+
+        raw, dtype, shape = self._raw(name)
+        if len(shape) != 2:
+            raise ModelFileError(f"{self.path}: tensor {name} has shape {shape}, expected a matrix")
+        if dtype == "BF16":
+            return QTensor.from_bfloat16(raw)
+        return QTensor.from_float16(raw) if dtype == "F16" else QTensor.from_float32(raw)
+
+    def _nbytes(self, name: str) -> int:
+        _, _, entry = self._entry(name)
+        n = int(np.prod(entry["shape"]))
+        return resident_nbytes(entry["dtype"], n)
+
+    def layer(self, index: int) -> dict:
+        prefix, out = f"model.layers.{index}.", {}
+        for hf, name in _LAYER_NAMES.items():
+            if self.has(prefix + hf):
+                out[name] = self.matrix(prefix + hf) if hf.endswith("proj.weight") else self.tensor(prefix + hf)
+        return out
+
+    def layer_nbytes(self, index: int) -> int:
+        prefix, total = f"model.layers.{index}.", 0
+        for hf in _LAYER_NAMES:
+            if self.has(prefix + hf):
+                n = self._nbytes(prefix + hf)
+                # vectors are held as float32 whatever their stored precision
+                total += n if hf.endswith("proj.weight") else int(np.prod(self._entry(prefix + hf)[2]["shape"])) * 4
+        return total
+
+    def _head_name(self) -> str:
+        tied = self.config.tie_embeddings or not self.has("lm_head.weight")
+        return "model.embed_tokens.weight" if tied else "lm_head.weight"
+
+    def embedding(self):
+        if getattr(self, "_embedding", None) is None:
+            self._embedding = self.matrix("model.embed_tokens.weight")
+        return self._embedding
 
     def embedding_nbytes(self) -> int:
-        return self.config.vocab_size * self.config.hidden_size * WEIGHT_BYTES
+        return self._nbytes("model.embed_tokens.weight")
 
-    def embedding_table(self) -> EmbeddingTable:
-        return EmbeddingTable(self.embedding())
+    def head_nbytes(self) -> int:
+        return self._nbytes(self._head_name()) + self.config.hidden_size * 4
 
     def final_norm(self) -> np.ndarray:
         return self.tensor("model.norm.weight")
 
-    def lm_head(self) -> np.ndarray:
-        if self.config.tie_embeddings or not self.has("lm_head.weight"):
-            return self.embedding()
-        return self.tensor("lm_head.weight")
+    def lm_head(self):
+        name = self._head_name()
+        return self.embedding() if name == "model.embed_tokens.weight" else self.matrix(name)
 
     def eos_token_ids(self) -> tuple[int, ...]:
         ids: list[int] = []
@@ -208,4 +247,4 @@ class HFSource:
         return tuple(ids)
 
     def close(self) -> None:
-        self._open.clear()
+        self._embedding = None

@@ -12,6 +12,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 
 from .model_config import ModelConfig
+from .quant import QTensor, qlinear
 
 # Canonical per-layer tensor names used by every loader (HF layout: Linear weights are (out, in)).
 LAYER_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -45,8 +46,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * weight
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    y = x @ weight.T
+def linear(x: Tensor, weight: QTensor | Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (T, in) @ weight.T; a QTensor is dequantised inside the matmul kernel (never as a whole)."""
+    y = qlinear(x, weight) if isinstance(weight, QTensor) else x @ weight.T
     return y if bias is None else y + bias
 
 
@@ -59,7 +61,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def transformer_block(
     cfg: ModelConfig,
-    w: dict[str, Tensor],
+    w: dict[str, Tensor | QTensor],
     x: Tensor,
     cache: Tensor,
     start_pos: int | UOp,
@@ -100,30 +102,73 @@ def transformer_block(
     return (x + ff).contiguous()
 
 
+WeightSignature = tuple  # ((name, kind, shape, part names), ...): layers with equal signatures share kernels
+
+
+def layer_signature(w: dict[str, Tensor | QTensor]) -> WeightSignature:
+    out = []
+    for name in sorted(w):
+        v = w[name]
+        if isinstance(v, QTensor):
+            out.append((name, int(v.ggml_type), v.shape, tuple(sorted(v.parts))))
+        else:
+            out.append((name, None, tuple(v.shape), ()))
+    return tuple(out)
+
+
+def flatten_layer(w: dict[str, Tensor | QTensor]) -> list[Tensor]:
+    """A layer's weights as a flat tensor list, in layer_signature's order (JIT inputs)."""
+    flat: list[Tensor] = []
+    for name in sorted(w):
+        v = w[name]
+        flat.extend(v.parts[p] for p in sorted(v.parts)) if isinstance(v, QTensor) else flat.append(v)
+    return flat
+
+
+def unflatten_layer(sig: WeightSignature, flat: list[Tensor]) -> dict[str, Tensor | QTensor]:
+    from gguf import GGMLQuantizationType
+
+    w, i = {}, 0
+    for name, kind, shape, parts in sig:
+        if kind is None:
+            w[name], i = flat[i], i + 1
+        else:
+            w[name] = QTensor(GGMLQuantizationType(kind), shape, dict(zip(parts, flat[i : i + len(parts)], strict=True)))
+            i += len(parts)
+    return w
+
+
 class LayerStack:
-    """The shard's layers (+ final norm and LM head on the last shard) as one pure function of its inputs."""
+    """The shard's math as two pure step functions, each captured once and replayed for every layer.
+
+    `layer_step` runs ONE decoder layer whose weights, KV cache and in/out activation buffers are all JIT
+    inputs, so a single capture (per weight signature and chunk size) serves every layer of the shard:
+    warm-up schedules one layer instead of all of them. `head_step` is the final norm + LM head.
+    """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        layers: list[dict[str, Tensor]],
         final_norm: Tensor | None,
-        lm_head: Tensor | None,
+        lm_head: QTensor | None,
         rope_positions: int,
     ):
-        self.cfg, self.layers, self.final_norm, self.lm_head = cfg, layers, final_norm, lm_head
+        self.cfg, self.final_norm, self.lm_head = cfg, final_norm, lm_head
         cos, sin = rope_tables(cfg, rope_positions)
         self.cos, self.sin = Tensor(cos).realize(), Tensor(sin).realize()
 
-    def __call__(self, x: Tensor, start_pos: int | UOp, last_row: int | UOp, *caches: Tensor) -> Tensor:
-        """x (T, hidden) float32 -> hidden (T, hidden), or logits (vocab,) of row `last_row` on the last shard."""
+    def layer_step(
+        self, sig: WeightSignature, x: Tensor, out: Tensor, cache: Tensor, start_pos: int | UOp, weights: list
+    ) -> Tensor:
+        """out <- layer(x) for positions [start_pos, start_pos + T); x, out (T, hidden) float32."""
         T = x.shape[0]
         cos, sin = self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
         # causal mask "lower right": row i sees positions <= start_pos + i (rows past the real chunk are padding)
         mask = None if T == 1 else Tensor.full((T, start_pos + T), float("-inf")).triu(start_pos + 1)
-        for w, cache in zip(self.layers, caches, strict=True):
-            x = transformer_block(self.cfg, w, x, cache, start_pos, cos, sin, mask)
-        if self.lm_head is None:
-            return x
-        last = x if T == 1 else x[last_row : last_row + 1]
+        y = transformer_block(self.cfg, unflatten_layer(sig, weights), x, cache, start_pos, cos, sin, mask)
+        return out.assign(y)
+
+    def head_step(self, x: Tensor, last_row: int | UOp) -> Tensor:
+        """x (T, hidden) -> logits (vocab,) of row `last_row`."""
+        last = x if x.shape[0] == 1 else x[last_row : last_row + 1]
         return linear(rms_norm(last, self.final_norm, self.cfg.rms_eps), self.lm_head).reshape(-1)

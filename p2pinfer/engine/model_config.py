@@ -54,6 +54,5 @@ class ModelConfig:
         return n
 
 
-# How the engine holds things in memory (the catalog's byte counts and the KV budget use these).
-WEIGHT_BYTES = 4  # float32 weights: measured fastest in tinygrad's CPU kernels here (f16 converts slowly)
+# How the engine holds the KV cache (weights stay in their file encoding: weights.resident_nbytes).
 KV_BYTES = 4  # float32 KV cache

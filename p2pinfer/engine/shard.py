@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,9 +14,10 @@ from tinygrad import Context, GlobalCounters, Tensor, TinyJit, UOp, dtypes
 
 from .catalog import ModelEntry, open_source
 from .errors import ContextLimitError, EngineError, SessionLimitError, UnknownSessionError
-from .model import LayerStack
+from .model import LayerStack, flatten_layer, layer_signature
 from .model_config import KV_BYTES
-from .weights import EmbeddingTable
+from .quant import QTensor
+from .runner import KernelPlan, StepTemplate, default_threads
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,8 @@ class Shard:
     """Layers [start, end) of a model. Not thread-safe: the caller serialises calls (any thread will do)."""
 
     def __init__(self, entry: ModelEntry, start: int, end: int, max_sessions: int, max_context: int,
-                 kv_budget_bytes: int | None, prefill_chunk: int):  # fmt: skip
-        self.entry, self.start, self.end = entry, start, end
+                 kv_budget_bytes: int | None, prefill_chunk: int, threads: int):  # fmt: skip
+        self.entry, self.start, self.end, self.threads = entry, start, end, threads
         self.is_first, self.is_last = start == 0, end == entry.n_layers
         self.hidden_size = entry.hidden_size
         self.max_sessions, self.max_context, self.prefill_chunk = max_sessions, max_context, prefill_chunk
@@ -51,20 +54,21 @@ class Shard:
             kv_budget_bytes if kv_budget_bytes is not None else max_sessions * self.kv_bytes_per_session
         )
         self._sessions: dict[str, _Session] = {}
-        # measured at load: tinygrad's allocator counter for device weights + host arrays kept (embedding)
-        self.device_weight_bytes = self.host_weight_bytes = self.weight_bytes_allocated = 0
+        # measured at load: tinygrad's allocator counter for the weights (packed matrices, vectors, tables)
+        self.weight_bytes_allocated = 0
         self.load_seconds = self.warm_seconds = 0.0
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
     def load(cls, entry: ModelEntry, start: int, end: int, max_sessions: int = 8, max_context: int | None = None,
              kv_budget_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK, warm: bool = True,
-             beam: int | None = None) -> Shard:  # fmt: skip
+             beam: int | None = None, threads: int | None = None) -> Shard:  # fmt: skip
         """Read only this range's tensors (+ embedding on the first shard, + final norm/LM head on the last).
 
         beam > 0 lets tinygrad search kernel variants while warming up (BEAM=2 measured +30 % decode,
         +50 % prefill here) at the price of minutes of search the first time; results persist in
         tinygrad's disk cache. Default: P2PINFER_BEAM from the environment, else 0.
+        threads: cores the kernels run on (default: every core this process may use).
         """
         if not 0 <= start < end <= entry.n_layers:
             raise EngineError(
@@ -76,75 +80,94 @@ class Shard:
             raise ContextLimitError(
                 f"max_context {max_context} exceeds {entry.name}'s context length {entry.context_length}"
             )
-        self = cls(entry, start, end, max_sessions, max_context, kv_budget_bytes, prefill_chunk)
+        self = cls(entry, start, end, max_sessions, max_context, kv_budget_bytes, prefill_chunk,
+                   threads or default_threads())  # fmt: skip
+        self.beam = int(os.environ.get("P2PINFER_BEAM", "0")) if beam is None else beam
         t0 = time.perf_counter()
         self._load_weights()
         self.load_seconds = time.perf_counter() - t0
-        if beam is None:
-            beam = int(os.environ.get("P2PINFER_BEAM", "0"))
         if warm:
             t0 = time.perf_counter()
-            with Context(BEAM=beam):
-                self.warm_up()
+            self.warm_up()
             self.warm_seconds = time.perf_counter() - t0
         log.info("loaded %s layers [%d, %d): %.1f MB weights, load %.1fs, warm %.1fs", entry.name, start, end,
                  self.weight_bytes_allocated / 1e6, self.load_seconds, self.warm_seconds)  # fmt: skip
         return self
 
     def _load_weights(self) -> None:
+        """Matrices stay packed (QTensor, straight from the file's mmap); only vectors become float32 tensors."""
         source = open_source(self.entry)
         try:
             cfg = self.config = source.config
             before = GlobalCounters.mem_used
 
-            def to_device(a: np.ndarray) -> Tensor:
-                return Tensor(np.ascontiguousarray(a, dtype=np.float32)).realize()
+            def to_device(v):
+                return v if isinstance(v, QTensor) else Tensor(np.ascontiguousarray(v, dtype=np.float32)).realize()
 
-            layers = [
+            self._layers = [
                 {k: to_device(v) for k, v in source.layer(i).items()} for i in range(self.start, self.end)
             ]
             final_norm = lm_head = None
             if self.is_last:
-                final_norm, lm_head = to_device(source.final_norm()), to_device(source.lm_head())
-            self.device_weight_bytes = GlobalCounters.mem_used - before
-            self._embedding: EmbeddingTable | None = None
-            if self.is_first:
-                if self.is_last and cfg.tie_embeddings and self.entry.format == "hf":
-                    # the LM head already holds this float32 matrix: look rows up in its memory, no second copy
-                    self._embedding = EmbeddingTable(_host_view(lm_head))
-                else:
-                    self._embedding = source.embedding_table()
-                    self.host_weight_bytes = self._embedding.nbytes
+                final_norm, lm_head = to_device(source.final_norm()), source.lm_head()
+            # the first shard gathers embedding rows on the host; tied models share the head's packed bytes
+            self._embedding: QTensor | None = source.embedding() if self.is_first else None
+            self.weight_bytes_allocated = GlobalCounters.mem_used - before
         finally:
             source.close()
-        self.weight_bytes_allocated = self.device_weight_bytes + self.host_weight_bytes
-        self._stack = LayerStack(cfg, layers, final_norm, lm_head, self.max_context + self.prefill_chunk)
-        # fixed-shape, preallocated inputs: hidden states are copied straight into their memory
-        self._x_decode = Tensor.zeros(1, cfg.hidden_size).contiguous().realize()
-        self._x_prefill = Tensor.zeros(self.prefill_chunk, cfg.hidden_size).contiguous().realize()
-        self._x_decode_host, self._x_prefill_host = _host_view(self._x_decode), _host_view(self._x_prefill)
-        self._decode_jit, self._prefill_jit = TinyJit(self._stack), TinyJit(self._stack)
+        self._stack = LayerStack(cfg, final_norm, lm_head, self.max_context + self.prefill_chunk)
+        # per chunk size, two activation buffers that layers write alternately (layer i reads one, writes the other)
+        self._act = {
+            t: tuple(Tensor.zeros(t, cfg.hidden_size).contiguous().realize() for _ in range(2))
+            for t in (1, self.prefill_chunk)
+        }
+        self._plans: dict[int, _StepPlan] = {}
         self._v_start = UOp.variable("start_pos", 0, self.max_context)
         self._v_last = UOp.variable("last_row", 0, self.prefill_chunk - 1)
 
     def warm_up(self) -> None:
-        """Compile and capture both JITs now (TinyJit captures on its second call) so requests never pay for it."""
+        """Capture and compile the decode and prefill steps now, so requests never pay for it."""
+        for t in (1, self.prefill_chunk):
+            self._plan(t)
+
+    def _plan(self, t: int) -> _StepPlan:
+        """The step for chunks of `t` positions: one captured layer per weight signature, replayed per layer."""
+        plan = self._plans.get(t)
+        if plan is not None:
+            return plan
         sid = "__warmup__"
         self._open(sid, self.max_context, count_budget=False)
         try:
-            dummy_ids = np.zeros(self.prefill_chunk, dtype=np.int32)
-            dummy = (
-                dummy_ids if self.is_first else np.zeros((self.prefill_chunk, self.hidden_size), np.float32)
-            )
-            # TinyJit runs eagerly on call 1 and captures on call 2; our graphs create no lazy state outside
-            # the captured kernels (weights, rope tables and inputs are realized at load), so capture at once
-            # and save a whole scheduling pass per JIT
-            self._decode_jit.cnt = self._prefill_jit.cnt = 1
-            self.forward(sid, dummy)
-            self.forward(sid, dummy[:1])
-            self.truncate_session(sid, 0)
+            # kernels are generated for this shard's thread count (tinygrad splits rows into `core_id` slices)
+            with Context(BEAM=self.beam, NUM_CPU_THREADS=self.threads):
+                plan = self._plans[t] = self._capture(t, self._sessions[sid])
         finally:
             self.close_session(sid)
+        return plan
+
+    def _capture(self, t: int, scratch: _Session) -> _StepPlan:
+        kernels = KernelPlan(self.threads)
+        templates: dict = {}
+        bufs = self._act[t]
+        start = self._v_start.bind(0)
+        for i, w in enumerate(self._layers):
+            src, dst = bufs[i % 2], bufs[(i + 1) % 2]
+            sig, flat = layer_signature(w), flatten_layer(w)
+            if sig not in templates:
+                jit = TinyJit(functools.partial(self._stack.layer_step, sig))
+                jit.cnt = 1  # capture on the first call: everything it reads is realized already
+                jit(src, dst, scratch.caches[i], start, flat)  # JIT slots: 0 src, 1 dst, 2 cache, 3.. weights
+                templates[sig] = StepTemplate(jit)
+            kernels.add(templates[sig], {0: src, 1: dst, **{3 + k: v for k, v in enumerate(flat)}})
+        out = bufs[len(self._layers) % 2]
+        if self.is_last:
+            jit = TinyJit(self._stack.head_step)
+            jit.cnt = 1
+            jit(out, self._v_last.bind(0) if t > 1 else 0)
+            head = StepTemplate(jit)
+            kernels.add(head, {0: out})
+            out = head.ret
+        return _StepPlan(kernels, bufs[0], out)
 
     # ---- sessions ------------------------------------------------------------------------------------
     def _kv_bytes_in_use(self) -> int:
@@ -202,7 +225,8 @@ class Shard:
 
     def close(self) -> None:
         self._sessions.clear()
-        self._decode_jit = self._prefill_jit = self._stack = self._embedding = None
+        self._plans.clear()
+        self._layers = self._stack = self._embedding = None
 
     # ---- compute -------------------------------------------------------------------------------------
     def _as_hidden(self, x: np.ndarray) -> np.ndarray:
@@ -214,7 +238,7 @@ class Shard:
                 )
             if ids.size and (ids.min() < 0 or ids.max() >= self.entry.vocab_size):
                 raise EngineError(f"token id out of range [0, {self.entry.vocab_size})")
-            return self._embedding.lookup(ids)
+            return self._embedding.dequantize_rows(ids)
         h = np.asarray(x)
         if h.ndim != 2 or h.shape[1] != self.hidden_size or h.dtype != np.float32:
             raise EngineError(
@@ -234,20 +258,40 @@ class Shard:
                 f"session {sid!r}: {s.position} + {n} tokens exceed its limit of {s.max_tokens} (shard context {self.max_context})"
             )
         if n == 1:
-            self._x_decode_host[:] = hidden
-            out = self._decode_jit(self._x_decode, self._v_start.bind(s.position), 0, *s.caches).numpy()
+            out = self._plan(1).run(s, hidden)
             s.position += 1
-            return out.reshape(-1) if self.is_last else out.reshape(1, self.hidden_size)
+            return out.reshape(-1).copy() if self.is_last else out.reshape(1, self.hidden_size).copy()
         outputs = []
+        chunk = self._plan(self.prefill_chunk)
         for lo in range(0, n, self.prefill_chunk):
             rows = hidden[lo : lo + self.prefill_chunk]
             m = rows.shape[0]
-            self._x_prefill_host[:m] = rows
-            self._x_prefill_host[m:] = 0.0  # padding rows: computed, written to KV past the end, then ignored
-            last = self._v_last.bind(m - 1) if self.is_last else 0
-            out = self._prefill_jit(self._x_prefill, self._v_start.bind(s.position), last, *s.caches).numpy()
+            # padding rows past m are computed and written to KV past the end, then ignored
+            out = chunk.run(s, rows, last_row=m - 1)
             s.position += m
-            outputs.append(out if self.is_last else out[:m])
+            outputs.append(out.copy() if self.is_last else out[:m].copy())
         if self.is_last:
             return outputs[-1].reshape(-1)
         return np.ascontiguousarray(np.concatenate(outputs) if len(outputs) > 1 else outputs[0])
+
+
+class _StepPlan:
+    """A step's KernelPlan plus its host-visible input and output: per call only the session and positions change."""
+
+    def __init__(self, kernels: KernelPlan, x: Tensor, out: Tensor):
+        self.kernels = kernels
+        self.x, self.out = _host_view(x), _host_view(out)
+        self._bound = lambda: None  # weak: a closed session's KV must not stay alive through the plan
+
+    def run(self, s: _Session, rows: np.ndarray, last_row: int = 0) -> np.ndarray:
+        if self._bound() is not s:  # instance i is layer i; its slot 2 is that layer's KV cache
+            for i, cache in enumerate(s.caches):
+                self.kernels.bind(i, 2, cache)
+            self._bound = weakref.ref(s)
+        m = rows.shape[0]
+        self.x[:m] = rows
+        self.x[m:] = 0.0
+        self.kernels.set_var("start_pos", s.position)
+        self.kernels.set_var("last_row", last_row)
+        self.kernels.run()
+        return self.out

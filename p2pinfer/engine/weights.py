@@ -1,4 +1,7 @@
-"""What every loader provides: the model config plus per-tensor numpy access, restricted to what a shard asks for."""
+"""What every loader provides: the model config, weight matrices in their file encoding, small vectors as numpy.
+
+No tinygrad here: the catalog sizes models with `resident_nbytes` without loading anything.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +12,53 @@ import numpy as np
 
 from .model_config import ModelConfig
 
+# Resident bytes per block of each encoding as engine/quant.py lays it out in memory, and values per block.
+# The file's fp16 block scales are widened to float32 where that keeps kernels fast (see quant.py), so a
+# few types hold slightly more than the file: Q4_0 20 vs 18 bytes per 32 values, Q4_1 22 vs 20, ...
+_RESIDENT_BLOCK = {
+    "F32": (4, 1),
+    "F16": (2, 1),
+    "BF16": (2, 1),
+    "Q4_0": (20, 32),
+    "Q4_1": (22, 32),
+    "Q5_0": (24, 32),
+    "Q5_1": (26, 32),
+    "Q8_0": (36, 32),
+    "Q4_K": (152, 256),
+    "Q5_K": (184, 256),
+    "Q6_K": (212, 256),
+}
 
-class EmbeddingTable:
-    """Token id -> hidden row lookup, kept on the host in the file's own encoding.
 
-    The first shard only ever gathers a few rows per step, so a quantized table (GGUF Q8_0: ~1 byte per
-    weight) is dequantized row by row instead of holding a float32 copy of the whole vocabulary.
-    """
-
-    def __init__(self, rows: np.ndarray, dequantize_rows=None):
-        self.rows = rows  # (vocab, hidden) float32, or (vocab, bytes per row) raw quantized blocks
-        self._dequantize = dequantize_rows
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.rows.nbytes)
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        picked = self.rows[ids]
-        out = picked if self._dequantize is None else self._dequantize(picked)
-        return np.ascontiguousarray(out, dtype=np.float32)
+def resident_nbytes(type_name: str, n_elements: int) -> int:
+    """Bytes a weight of this encoding occupies once loaded (unknown types: float32, the loader refuses them)."""
+    block_bytes, block = _RESIDENT_BLOCK.get(type_name, (4, 1))
+    return n_elements // block * block_bytes
 
 
 class WeightSource(Protocol):
     path: Path
     config: ModelConfig
 
-    def layer(self, index: int) -> dict[str, np.ndarray]:
-        """Canonical names (q, k, v, o, gate, up, down, attn_norm, ffn_norm, [q|k|v]_bias, q_norm, k_norm), HF layout."""
+    def layer(self, index: int) -> dict:
+        """Canonical names (q, k, v, o, gate, up, down as QTensor; attn_norm, ffn_norm, [q|k|v]_bias, q_norm,
+        k_norm as float32 numpy), HF layout."""
         ...
 
-    def embedding_table(self) -> EmbeddingTable: ...
+    def layer_nbytes(self, index: int) -> int: ...
+
+    def embedding(self):
+        """The token embedding matrix (vocab, hidden) as a QTensor; lm_head() returns the same object when tied."""
+        ...
+
+    def embedding_nbytes(self) -> int: ...
+
+    def head_nbytes(self) -> int: ...
 
     def final_norm(self) -> np.ndarray: ...
 
-    def lm_head(self) -> np.ndarray:
-        """The output projection (vocab, hidden); the embedding matrix when the model ties them."""
+    def lm_head(self):
+        """The output projection (vocab, hidden) as a QTensor."""
         ...
 
     def close(self) -> None: ...
