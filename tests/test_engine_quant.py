@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import p2pinfer.engine  # noqa: F401  (chooses tinygrad's device before tinygrad is imported)
+from p2pinfer.engine import quant
 from p2pinfer.engine.errors import EngineError, ModelFileError, UnsupportedModelError
 from p2pinfer.engine.gguf_loader import _unpermute_rotary
 from p2pinfer.engine.quant import SUPPORTED_TYPES, QTensor, dequantize_rows, qlinear
@@ -67,6 +68,7 @@ def test_qlinear_matches_gguf_dequantize(qt):
         assert y.shape == (t, n)
         ref = x.astype(np.float64) @ ref_w.astype(np.float64).T
         assert rel_err(y, ref) < 1e-4, (qt.name, n, k, t)
+    assert all(quant._KERNELS.values()), "a kernel fell back to tinygrad's own optimisation choices"
 
 
 @pytest.mark.parametrize("qt", SUPPORTED_TYPES, ids=lambda t: t.name)

@@ -101,7 +101,8 @@ class QTensor:
         device = device or Device.DEFAULT
         parts: dict[str, Tensor] = {}
         if qt in (Q.F32, Q.F16, Q.BF16):
-            np_dtype = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}[qt]
+            # 16-bit floats are kept as their bit patterns (uint16) and widened in the kernel (see qlinear_expr)
+            np_dtype = {Q.F32: np.float32, Q.F16: np.uint16, Q.BF16: np.uint16}[qt]
             _fill(parts, "w", raw.reshape(-1).view(np.uint8).view(np_dtype).reshape(n, k), np_dtype, device)
             return cls(qt, (n, k), parts)
         b = raw.reshape(-1).view(np.uint8).reshape(n, k // block, bbytes)
@@ -211,8 +212,10 @@ class QTensor:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         p = {name: v[ids] for name, v in self.numpy_parts().items()}
         qt, (n, k) = self.ggml_type, (ids.size, self.shape[1])
-        if qt in (Q.F32, Q.F16):
+        if qt == Q.F32:
             return p["w"]
+        if qt == Q.F16:
+            return p["w"].view(np.float16)
         if qt == Q.BF16:
             return p["w"].view(np.uint8)
         block, bbytes = GGML_QUANT_SIZES[qt]
@@ -387,12 +390,12 @@ def _build_kernel(w: QTensor, t: int):
     by_buffer[id(xd.uop.buffer)] = "_x"
     by_buffer[id(y.uop.buffer)] = "_out"
     slots = [by_buffer[id(a.buffer)] for a in call.src[1:]]
-    if sorted(slots) != sorted([*dummies, "_x", "_out"]):
+    if "_x" not in slots or "_out" not in slots or len(set(slots)) != len(slots):
         raise RuntimeError(f"unexpected kernel arguments {slots}")
     ren = Device[w.device].renderer
     k = Scheduler(_preprocess(ast), ren)
     k.convert_loop_to_global()
-    opts = _kernel_opts(k, t, _lane_count(w))
+    opts = _kernel_opts(k, t, _unroll_count(w))
     new_ast = ast.replace(arg=KernelInfo(name=ast.arg.name, opts_to_apply=tuple(opts)))
     from tinygrad.codegen import full_rewrite_to_sink
 
@@ -454,12 +457,30 @@ def _kernel_opts(k, t: int, lanes: int) -> list:
     return opts
 
 
-# elements per iteration to unroll (trailing reduce axes): the 16 lanes plus the small block axes after them
-UNROLL = {Q.Q8_0: 32, Q.Q4_K: 64, Q.Q5_K: 64, Q.Q6_K: 64}
+def _is_llvm(device: str) -> bool:
+    """tinygrad's LLVM backend (DEV=CPU:LLVM) and its clang backend want differently shaped kernels."""
+    return "LLVM" in type(Device[device].renderer).__name__
 
 
-def _lane_count(w: QTensor) -> int:
-    return UNROLL.get(w.ggml_type, 16)
+def _unroll_count(w: QTensor) -> int:
+    """Elements per iteration to unroll (the trailing reduce axes: the 16 lanes and small block axes after them).
+    Measured per backend at 576x1536 (see benchmarks/quant.py); 32 separate accumulators were up to 6x slower."""
+    qt = w.ggml_type
+    if qt == Q.Q8_0:
+        return 32
+    if qt == Q.Q6_K:
+        return 32 if _is_llvm(w.device) else 128
+    return 16
+
+
+def _f16_to_f32(u: Tensor, llvm: bool) -> Tensor:
+    """float16 bit patterns (uint16) -> float32 in the kernel."""
+    if (
+        llvm
+    ):  # exact for normals, subnormals and zeros (inf/nan become large finite values): 1.3x the native cast
+        bits = ((u & 0x7FFF).cast(dtypes.uint32) << 13) | ((u & 0x8000).cast(dtypes.uint32) << 16)
+        return bits.bitcast(dtypes.float32) * (2.0**112)
+    return u.bitcast(dtypes.float16).cast(dtypes.float32)  # clang: 4x faster than loading an __fp16 buffer
 
 
 def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
@@ -469,15 +490,31 @@ def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
     qt, (n, k), p = w.ggml_type, w.shape, w.parts
     t = x.shape[0]
     f32 = dtypes.float32
+    llvm = _is_llvm(w.device)
     if qt in (Q.F32, Q.F16, Q.BF16):
         lanes = next(v for v in (16, 8, 4, 2, 1) if k % v == 0)
         wt = p["w"]
         if qt == Q.F16:
-            wt = wt.cast(f32)
+            wt = _f16_to_f32(wt, llvm)
         elif qt == Q.BF16:
             wt = (wt.cast(dtypes.uint32) << 16).bitcast(f32)
         prod = wt.reshape(1, n, k // lanes, lanes) * x.reshape(t, 1, k // lanes, lanes)
         return _lanes_last(prod, 1, 1)
+    if qt in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1) and llvm:
+        # LLVM: the two nibbles as a block axis of 2 (1.3x faster there; 1.5x slower with clang)
+        nb = k // 32
+        qs = p["qs"].reshape(1, n, nb, 1, 16)
+        q = (qs >> _shifts((1, 1, 1, 2, 1), 3, mult=4)) & 15
+        if qt in (Q.Q5_0, Q.Q5_1):
+            qh = p["qh"].reshape(1, n, nb, 2, 2, 1)  # lane l of half h: bit l%8 of qh byte 2h + l//8
+            q = q | (((qh >> _shifts((1, 1, 1, 1, 1, 8), 5)) & 1).reshape(1, n, nb, 2, 16) << 4)
+        d = p["d"].reshape(1, n, nb, 1, 1)
+        xr = x.reshape(t, 1, nb, 2, 16)
+        if qt in (Q.Q4_0, Q.Q5_0):
+            prod = d * (q.cast(f32) - (8.0 if qt == Q.Q4_0 else 16.0)) * xr
+        else:
+            prod = (d * q.cast(f32) + p["m"].reshape(1, n, nb, 1, 1).cast(f32)) * xr
+        return _lanes_last(prod, 2, 1)
     if qt in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
         nb = k // 32
         xr = x.reshape(t, 1, nb, 2, 16)
@@ -518,7 +555,10 @@ def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
             # re-laid qh: byte 2c + i//8 of sub-block s holds bit i%8 of lanes 16c + 8(i//8) ..
             qh = p["qh"].reshape(1, n, nsb, 4, 2, 2, 2, 1)
             hb = ((qh >> _shifts((1, 1, 1, 1, 1, 1, 1, 8), 7)) & 1).reshape(1, n, nsb, 4, 2, 2, 16)
-            q = q | (hb << 4)
+            q = (q | (hb << 4)).cast(f32)
+            # written so no scale product is broadcast (at T > 1 that made the scheduler split off a kernel)
+            prod = q * dm[..., 0] * scm[:, :, :, 0] * xr - xr * dm[..., 1] * scm[:, :, :, 1]
+            return _lanes_last(prod, 4, 1)
         prod = (scale * q.cast(f32) - mins) * xr
         return _lanes_last(prod, 4, 1)
     if qt == Q.Q6_K:
@@ -532,5 +572,6 @@ def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
         q = nib | (((qh >> hsh) & 3) << 4)
         sc = p["sc"].reshape(1, n, nsb, 2, 2, 2, 2, 1).cast(f32) * p["d"].reshape(1, n, nsb, 1, 1, 1, 1, 1)
         prod = sc * (q.cast(f32) - 32.0) * xr
-        return _lanes_last(prod, 5, 1)
+        # LLVM: lanes (h, i) reduced last (32 accumulators) ran 1.8x faster there than 16; clang: the opposite
+        return _lanes_last(prod, 4, 2) if llvm else _lanes_last(prod, 5, 1)
     raise UnsupportedModelError(f"qlinear: GGUF tensor type {qt.name} is not supported")
