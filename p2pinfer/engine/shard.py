@@ -22,6 +22,7 @@ from .runner import KernelPlan, StepTemplate, default_threads
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096  # KV capacity per session unless the caller asks for more (up to the model's)
+WARM_CAPACITY = 2048  # the KV size class warmed at load: requests of up to this many tokens never wait for a capture
 PREFILL_CHUNK = 32  # prefill runs in padded chunks of this many positions: one JIT serves every prompt length
 
 
@@ -31,10 +32,25 @@ def _host_view(t: Tensor) -> np.ndarray:
     return np.frombuffer(mv, dtype=np.float32 if t.dtype == dtypes.float32 else np.int32).reshape(t.shape)
 
 
+def capacity_classes(max_context: int) -> tuple[int, ...]:
+    """KV sizes a session can get: 512, 2048, 8192, ... below max_context, then max_context itself.
+
+    A session's KV is sized for what its request can reach (prompt + max_tokens), rounded up to a class,
+    not for the whole context: a short chat holds 25 MB of SmolLM2 KV, not 190. Each class has its own
+    captured kernels (the KV length is part of the kernel), captured on first use.
+    """
+    out, c = [], 512
+    while c < max_context:
+        out.append(c)
+        c *= 4
+    return (*out, max_context)
+
+
 @dataclass
 class _Session:
     caches: list[Tensor]
     max_tokens: int
+    capacity: int  # KV positions held (a capacity class)
     position: int = 0
 
 
@@ -47,9 +63,7 @@ class Shard:
         self.is_first, self.is_last = start == 0, end == entry.n_layers
         self.hidden_size = entry.hidden_size
         self.max_sessions, self.max_context, self.prefill_chunk = max_sessions, max_context, prefill_chunk
-        self.kv_bytes_per_session = (
-            (end - start) * entry.kv_bytes_per_token_per_layer * (max_context + prefill_chunk)
-        )
+        self.kv_bytes_per_session = self.kv_bytes_for(max_context)  # the largest a session can need
         self.kv_budget_bytes = (
             kv_budget_bytes if kv_budget_bytes is not None else max_sessions * self.kv_bytes_per_session
         )
@@ -125,22 +139,30 @@ class Shard:
         self._v_start = UOp.variable("start_pos", 0, self.max_context)
         self._v_last = UOp.variable("last_row", 0, self.prefill_chunk - 1)
 
+    def kv_bytes_for(self, capacity: int) -> int:
+        return (self.end - self.start) * self.entry.kv_bytes_per_token_per_layer * (capacity + self.prefill_chunk)
+
+    def _capacity_for(self, max_tokens: int) -> int:
+        return next(c for c in capacity_classes(self.max_context) if c >= max_tokens)
+
     def warm_up(self) -> None:
         """Capture and compile the decode and prefill steps now, so requests never pay for it."""
+        capacity = self._capacity_for(min(WARM_CAPACITY, self.max_context))
         for t in (1, self.prefill_chunk):
-            self._plan(t)
+            self._plan(t, capacity)
 
-    def _plan(self, t: int) -> _StepPlan:
-        """The step for chunks of `t` positions: one captured layer per weight signature, replayed per layer."""
-        plan = self._plans.get(t)
+    def _plan(self, t: int, capacity: int) -> _StepPlan:
+        """The step for chunks of `t` positions over KV of `capacity`: one captured layer per weight
+        signature, replayed for every layer."""
+        plan = self._plans.get((t, capacity))
         if plan is not None:
             return plan
         sid = "__warmup__"
-        self._open(sid, self.max_context, count_budget=False)
+        self._open(sid, capacity, count_budget=False)
         try:
             # kernels are generated for this shard's thread count (tinygrad splits rows into `core_id` slices)
             with Context(BEAM=self.beam, NUM_CPU_THREADS=self.threads):
-                plan = self._plans[t] = self._capture(t, self._sessions[sid])
+                plan = self._plans[t, capacity] = self._capture(t, self._sessions[sid])
         finally:
             self.close_session(sid)
         return plan
@@ -171,7 +193,7 @@ class Shard:
 
     # ---- sessions ------------------------------------------------------------------------------------
     def _kv_bytes_in_use(self) -> int:
-        return sum(1 for s in self._sessions if s != "__warmup__") * self.kv_bytes_per_session
+        return sum(self.kv_bytes_for(s.capacity) for sid, s in self._sessions.items() if sid != "__warmup__")
 
     def open_session(self, sid: str, max_tokens: int) -> None:
         if sid in self._sessions:
@@ -185,24 +207,25 @@ class Shard:
             raise SessionLimitError(
                 f"shard {self.entry.name}[{self.start}:{self.end}] is full: {self.max_sessions} sessions open"
             )
-        if self._kv_bytes_in_use() + self.kv_bytes_per_session > self.kv_budget_bytes:
+        need = self.kv_bytes_for(self._capacity_for(max_tokens))
+        if self._kv_bytes_in_use() + need > self.kv_budget_bytes:
             raise SessionLimitError(
-                f"KV budget {self.kv_budget_bytes / 1e6:.0f} MB full ({len(self._sessions)} sessions of"
-                f" {self.kv_bytes_per_session / 1e6:.0f} MB)"
+                f"KV budget {self.kv_budget_bytes / 1e6:.0f} MB full ({len(self._sessions)} sessions hold"
+                f" {self._kv_bytes_in_use() / 1e6:.0f} MB; this one needs {need / 1e6:.0f} MB)"
             )
         self._open(sid, max_tokens, count_budget=True)
 
     def _open(self, sid: str, max_tokens: int, count_budget: bool) -> None:
         cfg = self.config
-        capacity = (
-            self.max_context + self.prefill_chunk
-        )  # slack so a padded last chunk never writes out of bounds
+        capacity = self._capacity_for(max_tokens)
         dtype = dtypes.float32 if KV_BYTES == 4 else dtypes.float16
-        caches = [
-            Tensor.zeros(2, cfg.n_kv_heads, capacity, cfg.head_dim, dtype=dtype).contiguous().realize()
-            for _ in range(self.start, self.end)
-        ]
-        self._sessions[sid] = _Session(caches, max_tokens)
+        # prefill_chunk of slack so a padded last chunk never writes out of bounds; no zero fill: a position
+        # is always written before it is attended to
+        caches = [Tensor.empty(2, cfg.n_kv_heads, capacity + self.prefill_chunk, cfg.head_dim, dtype=dtype)
+                  for _ in range(self.start, self.end)]  # fmt: skip
+        for c in caches:
+            c.uop.buffer.ensure_allocated()
+        self._sessions[sid] = _Session(caches, max_tokens, capacity)
 
     def _session(self, sid: str) -> _Session:
         try:
@@ -258,11 +281,11 @@ class Shard:
                 f"session {sid!r}: {s.position} + {n} tokens exceed its limit of {s.max_tokens} (shard context {self.max_context})"
             )
         if n == 1:
-            out = self._plan(1).run(s, hidden)
+            out = self._plan(1, s.capacity).run(s, hidden)
             s.position += 1
             return out.reshape(-1).copy() if self.is_last else out.reshape(1, self.hidden_size).copy()
         outputs = []
-        chunk = self._plan(self.prefill_chunk)
+        chunk = self._plan(self.prefill_chunk, s.capacity)
         for lo in range(0, n, self.prefill_chunk):
             rows = hidden[lo : lo + self.prefill_chunk]
             m = rows.shape[0]
