@@ -165,8 +165,8 @@ class Membership:
     def _probe_quiet_connections(self, nursery: trio.Nursery, now: float) -> None:
         """A directly connected peer whose records stopped for half the TTL may sit on a connection
         py-libp2p still lists but that no longer carries streams: ping it, and only if the ping
-        fails, close the connection so the dialler redials. (Closing on silence alone made an
-        overloaded cluster churn.)"""
+        fails on the connection, close it so the dialler redials. (Closing on silence alone, or on a
+        ping that only timed out, made an overloaded cluster churn.)"""
         connected = self.dialer.connected_peers()
         for e in self.view.entries():
             pid = e.record.peer_id
@@ -184,8 +184,13 @@ class Membership:
             with trio.fail_after(PROBE_TIMEOUT):
                 await PingService(self.dialer.host).ping(peer)
             return
+        except trio.TooSlowError:
+            # a slow answer is load (ours or theirs), not a dead connection: closing it would add a
+            # redial, a handshake and a new mesh on top of the load
+            log.debug("connected peer %s is silent and slow to answer ping", record.peer_id)
+            return
         except Exception as e:
-            log.info("connected peer %s is silent and does not answer ping (%s): reconnecting",
+            log.info("connected peer %s is silent and its connection fails (%s): reconnecting",
                      record.peer_id, type(e).__name__)  # fmt: skip
         with trio.move_on_after(2):
             await self.dialer.host.get_network().close_peer(peer)

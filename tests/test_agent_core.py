@@ -166,3 +166,27 @@ def test_unparsable_bootstrap_is_logged_and_agent_runs(agents):
     a.wait_ready()
     assert "ignoring bootstrap address" in a.log()
     assert "lacks /p2p/<peer id>" in a.log()
+
+
+def test_restarted_agent_rejoins_and_old_gossip_is_not_a_warning(agents):
+    """After a restart, gossip from before it comes round again (relays, IHAVE/IWANT): it is dropped
+    quietly, and the restarted agent is back in every view through its new record."""
+    secret = new_secret()
+    ttl = ["--peer-ttl", str(TTL)]
+    a = agents("a", "--no-compute", *ttl, secret_hex=secret)
+    a.wait_ready()
+    b = agents("b", "--no-compute", "--bootstrap", a.addr, *ttl, secret_hex=secret)
+    c = agents("c", "--no-compute", "--bootstrap", a.addr, *ttl, secret_hex=secret)
+    b.wait_ready(), c.wait_ready()
+    ids = {a.peer_id, b.peer_id, c.peer_id}
+    for x in (a, b, c):
+        wait_for(lambda x=x: x.view() == ids, 15, what=f"{x.name} to list all three")
+    b.signal(signal.SIGKILL)
+    b.proc.wait(10)
+    b.start()  # same key, same port where free: its old messages are still in the others' caches
+    b.wait_ready()
+    for x in (a, b, c):
+        wait_for(lambda x=x: x.view() == ids, 20, what=f"{x.name} to list all three after b's restart")
+    for x in (a, b, c):
+        assert "WARNING" not in x.log(), x.log()
+        assert "Traceback" not in x.log()

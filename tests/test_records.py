@@ -258,3 +258,15 @@ def test_stale_and_own_messages():
     restarted._seq = 0
     restarted.receive(restarted.check(hb), 0)
     assert open_message(restarted.tick(0.0)[0], SECRET).seq > open_message(hb, SECRET).seq
+
+
+def test_expiry_waits_longer_when_nobody_at_all_is_heard():
+    a, b = member(1), member(2)
+    view = View(self_id="me", ttl=6)
+    view.apply(record_of(a, seq=1), now=0)
+    view.apply(record_of(b, seq=1), now=0)
+    assert view.expire(now=7) == []  # silent 7 s, but so is everyone: maybe we are the stalled one
+    view.heartbeat(hb_of(b, 2), now=4)
+    assert view.expire(now=7) == [a.peer_id.to_base58()]  # b was heard 4 s after a went quiet
+    assert view.expire(now=15) == []
+    assert view.expire(now=16.5) == [b.peer_id.to_base58()]  # alone and silent for 2 TTLs

@@ -17,6 +17,9 @@ class Entry:
     record_seq: int  # seq of the full record itself
 
 
+ISOLATED_TTLS = 2
+
+
 class Rejected(Exception):
     """A verified record that still must not change the view (stale seq)."""
 
@@ -68,9 +71,20 @@ class View:
         return hb.record_seq > e.record_seq
 
     def expire(self, now: float) -> list[str]:
-        """Drop peers silent for longer than the TTL (never ourselves); return their ids."""
+        """Drop peers silent for longer than the TTL (never ourselves); return their ids.
+
+        Silence is believed when others were heard well after the peer went quiet (more than half a
+        TTL later): then our own reception works and this peer alone is silent. When nobody at all
+        has been heard since (our process or link stalled, or the peer is the only other one), only
+        after ISOLATED_TTLS times the TTL: a stalled agent must not empty its view at once."""
+        heard = [e.received_at for pid, e in self._entries.items() if pid != self.self_id]
+        last_heard = max(heard, default=now)
         gone = [
-            pid for pid, e in self._entries.items() if pid != self.self_id and now - e.received_at > self.ttl
+            pid
+            for pid, e in self._entries.items()
+            if pid != self.self_id
+            and now - e.received_at > self.ttl
+            and (last_heard - e.received_at > self.ttl / 2 or now - e.received_at > ISOLATED_TTLS * self.ttl)
         ]
         for pid in gone:
             del self._entries[pid]

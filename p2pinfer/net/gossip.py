@@ -2,7 +2,8 @@
 
 Sized for clusters of 2-100 peers whose messages are small (heartbeats ~160 bytes, full records
 ~1 kB) and frequent (every peer, every 1.5 s): mesh degree D=4 (3..6) keeps each message at ~3
-copies per peer per hop (D=6 would be 5) while a 100-peer mesh is still ~4 hops across; IHAVE
+copies per peer per hop (D=6 would be 5) while a 100-peer mesh is still ~4 hops across (up to 8
+before pruning, so small clusters do not oscillate); IHAVE
 gossip to 3 non-mesh peers about the last router heartbeat's messages (each id is 46 bytes: a
 longer window costs more than the copies it recovers, and the next heartbeat or a Want heals a
 loss anyway); a 1 s router heartbeat so the mesh forms and heals within seconds.
@@ -15,7 +16,11 @@ minute (any cluster starting up) it raises the mesh degree by up to 4, IHAVEs to
 peers (quadratic bytes), and stretches the router heartbeat to 30-60 s, so the mesh stops healing
 exactly when it must; more traffic, more load, more churn. It is off, and the IHAVE fan-out is a
 constant (`_get_adaptive_gossip_peers_count` ignores the flag for its floor of 6 and a quarter of
-the peers: overridden).
+the peers: overridden). Also: a 60 s backoff after a PRUNE and a 10 s "GRAFT flood" rule (a GRAFT
+within 10 s of a PRUNE is penalised with another PRUNE): with peers joining, a pruned pair could not
+mesh again for a minute, and a new peer connected only to such a neighbour had an empty mesh and
+published to nobody. Backoff 5 s, flood rule 1 s, and our own messages go to every topic peer while
+our mesh is below D_low.
 
 Each pubsub RPC also carries the sender's signed libp2p peer record (~210 bytes, py-libp2p 0.8.1),
 which the sender re-marshals (~0.15 ms) and the receiver re-verifies (~0.3 ms) on every RPC: the
@@ -45,7 +50,8 @@ log = logging.getLogger("p2pinfer.gossip")
 
 SUBSCRIPTION_QUEUE = 1024
 MAX_RPC_BYTES = 256 * 1024
-DEGREE, DEGREE_LOW, DEGREE_HIGH = 4, 3, 6
+DEGREE, DEGREE_LOW, DEGREE_HIGH = 4, 3, 8
+PRUNE_BACKOFF_S = 5  # py-libp2p: 60
 GOSSIP_PEERS = 3  # IHAVE targets per router heartbeat
 GOSSIP_WINDOW, GOSSIP_HISTORY = 1, 2  # router heartbeats
 ROUTER_HEARTBEAT_S = 1.0
@@ -55,8 +61,22 @@ Validator = Callable[[str, bytes], bool]  # (forwarder peer id, data) -> accept?
 
 
 class _Router(GossipSub):
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.graft_flood_threshold = 1.0  # py-libp2p: 10 s (a re-GRAFT after our PRUNE is a "flood")
+
     def _get_adaptive_gossip_peers_count(self, topic: str, total_peers: int) -> int:
         return min(GOSSIP_PEERS, max(0, total_peers))
+
+    def _get_peers_to_send(self, topic_ids, msg_forwarder, origin, msg_id=None):
+        """A subscribed peer publishes only to its mesh, so a peer whose mesh is still empty (just
+        started, or pruned) would be silent: our own messages then go to every peer in the topic."""
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        if self.pubsub is not None and origin == self.pubsub.my_id:
+            for topic in topic_ids:
+                if len(self.mesh.get(topic, ())) < self.degree_low:
+                    peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p != msg_forwarder)
+        yield from peers
 
 
 _SENDER_RECORD_TTL_S = 10.0
@@ -115,6 +135,7 @@ class Gossip:
             gossip_window=GOSSIP_WINDOW,
             gossip_history=GOSSIP_HISTORY,
             heartbeat_interval=ROUTER_HEARTBEAT_S,
+            prune_back_off=PRUNE_BACKOFF_S,
             heartbeat_initial_delay=0.1,
             adaptive_gossip_enabled=False,
             spam_protection_enabled=False,  # our own check: one verified message per seq per peer
