@@ -327,7 +327,7 @@ class Chat:
                 rate = f" · {(n - 1) / dt:.1f} tok/s" if n > 1 and dt > 0 else ""
                 c.print(f"[dim]{n} tokens · TTFT {t_first - t0:.2f} s{rate}[/]")
         except KeyboardInterrupt:
-            c.print("\n[yellow][stopped][/]")
+            c.print("\n[yellow]\\[stopped][/]")
             if answer:
                 self.s.history.append({"role": "assistant", "content": "".join(answer)})
             else:
