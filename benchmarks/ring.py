@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.harness import AgentProcess, new_secret, wait_for  # noqa: E402
 
 MODEL = "smollm2-135m"
-CONFIGS = {1: None, 2: "400M", 3: "250M"}  # peers -> --memory-limit that forces exactly that ring
+CONFIGS = {1: None, 2: "150M", 3: "100M"}  # peers -> --memory-limit that forces exactly that ring
 PROMPT = (
     "Summarise the following in one paragraph. The history of the lighthouse begins in antiquity, when "
     "fires were lit on hilltops to guide ships into harbour. The Pharos of Alexandria, built in the third "

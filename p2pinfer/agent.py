@@ -151,13 +151,14 @@ class Agent:
         self._addrs: list[str] = []
         self._stopping = False
         # the request path: engine-side shards and member, entry-side ring driver, OpenAI routes
-        from p2pinfer.engine import ModelCatalog
+        from p2pinfer.engine import ModelCatalog, use_kernel_cache
 
+        use_kernel_cache(s.data_dir)  # compiled kernels persist across restarts (see `p2pinfer warm`)
         self.catalog = ModelCatalog(s.models_dirs)
         if s.model not in {e.name for e in self.catalog.list()}:
             log.warning("default model %s is not available here; known: %s", s.model,
                         ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
-        self.shards = ShardHost(s.memory_limit, self.membership.poke)
+        self.shards = ShardHost(s.memory_limit, self.membership.poke, threads=s.threads)
         self.member = Member(self.catalog, self.shards, self.membership.poke, can_compute=s.compute)
         self.linker = Linker(self.host, self.peer_id, self.member.handle, self.dialer.ensure_connected)
         self.member.linker = self.linker
@@ -166,6 +167,31 @@ class Agent:
         self.metrics = Metrics()
         self.metrics.watch(lambda: len(self.membership.view.records()))
         self.openai = OpenAIRoutes(self.catalog, self.entry, s.model, self.served_models, self.metrics)
+
+    async def _warm_default_model(self) -> None:
+        """Load the default model whole in the background when this peer could serve it alone (a lone agent,
+        `make run`), so the first request finds its kernels captured instead of waiting for them."""
+        from p2pinfer.engine import EngineError
+        from p2pinfer.serve.entry import model_needs
+
+        s = self.settings
+        if not (s.compute and s.warm):
+            return
+        try:
+            entry = self.catalog.get(s.model)
+        except EngineError:
+            return
+        need, offer = model_needs(entry).total_bytes, self.memory_offer()
+        if need > offer:
+            log.info("not warming %s at start: it needs %.0f MB with KV headroom, this peer offers %.0f MB",
+                     entry.name, need / 1e6, offer / 1e6)  # fmt: skip
+            return
+        try:
+            shard = await self.shards.acquire(entry, 0, entry.n_layers)
+        except EngineError as e:
+            log.warning("warming %s at start failed: %s", entry.name, e)
+            return
+        self.shards.release(shard)
 
     # --- what we tell the cluster ------------------------------------------
     def memory_offer(self) -> int:
@@ -285,6 +311,7 @@ class Agent:
                     )
                     nursery.start_soon(mdns.run)
                 nursery.start_soon(self.openai.warm, self.settings.model)
+                nursery.start_soon(self._warm_default_model)
                 await nursery.start(self._serve_http)
                 log.info(
                     "agent %s up: p2p %s, http http://%s:%d",

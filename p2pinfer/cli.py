@@ -52,6 +52,9 @@ def _run_parser(sub) -> None:
     )
     p.add_argument("--model", help="default model (default smollm2-135m)")
     p.add_argument("--max-requests", type=int, help="requests served at once before 429 (default 8)")
+    p.add_argument("--threads", type=int, help="cores the engine's kernels use (default: all)")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="do not load and warm the default model at start")  # fmt: skip
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     p.add_argument("--allowed-host", dest="allowed_hosts", action="append", metavar="NAME",
                    help="Host header name to answer besides loopback and this peer's addresses, repeatable "
@@ -75,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path)
         if name == "invite":
             p.add_argument("--cluster-secret-file", type=Path)
+    p = sub.add_parser("warm", help="compile the engine's kernels for a model once (cached in the data dir)")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--model", help="model to warm (default smollm2-135m)")
+    p.add_argument("--models-dir", dest="models_dirs", action="append", type=Path)
+    p.add_argument("--threads", type=int, help="cores the kernels will run on (default: all)")
     _client_parsers(sub)
     return parser
 
@@ -128,6 +136,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warm(args: argparse.Namespace) -> int:
+    """Load the model whole, capture and compile its steps, exit: later agent starts find the kernels cached."""
+    import time
+
+    from p2pinfer.logs import setup_logging
+
+    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    settings = load_settings(overrides)
+    setup_logging(settings.log_level)
+    from p2pinfer.engine import EngineError, ModelCatalog, Shard, use_kernel_cache
+
+    cache = use_kernel_cache(settings.data_dir)
+    try:
+        entry = ModelCatalog(settings.models_dirs).get(settings.model)
+        t0 = time.monotonic()
+        shard = Shard.load(entry, 0, entry.n_layers, threads=settings.threads)
+    except EngineError as e:
+        print(f"p2pinfer: {e}", file=sys.stderr)
+        return 1
+    print(f"warmed {entry.name} in {time.monotonic() - t0:.1f} s (load {shard.load_seconds:.1f} s); "
+          f"kernels cached in {cache}")  # fmt: skip
+    return 0
+
+
 def _data_dir(args) -> Path:
     return load_settings({"data_dir": args.data_dir} if args.data_dir else {}).data_dir
 
@@ -165,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": _cmd_run, "id": _cmd_id, "invite": _cmd_invite, "chat": _cmd_client,
-                "status": _cmd_client}[args.command](args)  # fmt: skip
+                "status": _cmd_client, "warm": _cmd_warm}[args.command](args)  # fmt: skip
     except (ConfigError, IdentityError) as e:
         print(f"p2pinfer: {e}", file=sys.stderr)
         return 2

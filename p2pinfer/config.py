@@ -56,6 +56,8 @@ class Settings:
     models_dirs: list[Path] = field(default_factory=list)
     model: str = DEFAULT_MODEL
     max_requests: int = 8
+    threads: int | None = None  # cores the engine's kernels use (default: every core this process may use)
+    warm: bool = True  # load and warm the default model at start when it fits here alone
     log_level: str = "INFO"
     allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered besides our own
     cors_origins: list[str] = field(default_factory=list)  # origins whose pages may call the API
@@ -79,6 +81,8 @@ class Settings:
                 raise ConfigError(f"--cors-origin {o!r} must be an origin like http://host:port (no path), or *")
         if self.max_requests < 1:
             raise ConfigError("--max-requests must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("--threads must be at least 1")
 
 
 _PATHS = {"data_dir", "api_key_file", "cluster_secret_file"}
@@ -96,9 +100,9 @@ def _coerce(name: str, value):
         return int(value)
     if name == "peer_ttl":
         return float(value)
-    if name == "max_requests":
-        return int(value)
-    if name in ("mdns", "compute") and isinstance(value, str):
+    if name in ("max_requests", "threads"):
+        return int(value) if value not in (None, "") else None
+    if name in ("mdns", "compute", "warm") and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return value
 

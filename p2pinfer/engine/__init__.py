@@ -10,11 +10,13 @@
     shard.close_session(sid)
 
 Modules: catalog (entries, no tinygrad), gguf_loader / hf_loader (read one tensor at a time),
-model_config, model (tinygrad math), shard (sessions + JITs), sampling, tokenizer, device (DEV choice).
+model_config, model (tinygrad math), quant (packed weights, fused dequant matmuls), runner (a step's
+kernels replayed natively on every core), shard (sessions + captured steps), sampling, tokenizer,
+device (backend choice, kernel cache), synth (random-weight GGUFs for tests and benchmarks).
 Calls into one Shard must be serialised by the caller; any (non-main) thread may make them.
 """
 
-from .device import configure_tinygrad_device
+from .device import configure_tinygrad_device, use_kernel_cache
 
 configure_tinygrad_device()  # must run before anything imports tinygrad
 
@@ -48,4 +50,5 @@ __all__ = [
     "UnknownModelError",
     "UnknownSessionError",
     "UnsupportedModelError",
+    "use_kernel_cache",
 ]

@@ -46,3 +46,18 @@ def configure_tinygrad_device() -> str:
                 "tinygrad was imported before p2pinfer.engine; its device choice stays default", stacklevel=2
             )
     return os.environ["DEV"]
+
+
+def use_kernel_cache(data_dir) -> str:
+    """Keep tinygrad's compiled kernels (and BEAM choices) in `data_dir`/kernels.db, so they are made once per
+    machine and found by every later start (and by `p2pinfer warm`). An explicit CACHEDB env var wins."""
+    import tinygrad.helpers as helpers
+
+    if "CACHEDB" not in os.environ and helpers._db_connection is None:
+        from pathlib import Path
+
+        helpers.CACHEDB = str(Path(data_dir).expanduser().resolve() / "kernels.db")
+    from . import runner
+
+    runner.CACHE_DIR = os.path.dirname(helpers.CACHEDB)  # the native runner library lives beside them
+    return helpers.CACHEDB

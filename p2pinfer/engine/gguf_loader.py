@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError
+from .gguf_file import GGUFFile
 from .model_config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from .weights import resident_nbytes
 
@@ -34,22 +35,14 @@ _LAYER_NAMES = {
 }
 
 
-def open_gguf_reader(path: Path):
-    import gguf
-
+def open_gguf_reader(path: Path) -> GGUFFile:
     if not path.is_file():
         raise ModelFileError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on garbage
-        raise ModelFileError(f"cannot read GGUF file {path}: {e}") from e
+    return GGUFFile(path)
 
 
-def gguf_field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+def gguf_field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.field(key, default)
 
 
 def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -71,7 +64,7 @@ class GGUFSource:
         self.path = Path(path)
         self.reader = open_gguf_reader(self.path)
         self.config = self._read_config()
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.tensors = self.reader.tensors
 
     def _read_config(self) -> ModelConfig:
         r = self.reader
@@ -88,9 +81,8 @@ class GGUFSource:
             return value
 
         hidden, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-        tokens = r.fields.get("tokenizer.ggml.tokens")
-        vocab = gguf_field(r, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
-        names = {t.name for t in r.tensors}
+        vocab = gguf_field(r, f"{arch}.vocab_size") or r.array_length("tokenizer.ggml.tokens")
+        names = set(r.tensors)
         scaling = None
         if gguf_field(r, f"{arch}.rope.scaling.type") == "linear":
             scaling = RopeScaling("linear", float(gguf_field(r, f"{arch}.rope.scaling.factor")))
@@ -225,6 +217,8 @@ class GGUFSource:
         return tuple(ids)
 
     def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
         self.reader = None
         self.tensors = {}
         self._embedding = None

@@ -145,7 +145,12 @@ def _c_source() -> str:
     }
 
 
+CACHE_DIR: str | None = None  # set by device.use_kernel_cache (the data dir); else the user's cache dir
+
+
 def _cache_dir() -> Path:
+    if CACHE_DIR is not None:
+        return Path(CACHE_DIR)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "p2pinfer"
 

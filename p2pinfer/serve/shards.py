@@ -29,9 +29,13 @@ class _Held:
 
 class ShardHost:
     def __init__(
-        self, memory_limit: int | None, on_change: Callable[[], None], max_sessions: int = 8
+        self,
+        memory_limit: int | None,
+        on_change: Callable[[], None],
+        max_sessions: int = 8,
+        threads: int | None = None,
     ) -> None:
-        self.memory_limit = memory_limit
+        self.memory_limit, self.threads = memory_limit, threads
         self.on_change = on_change
         self.max_sessions = max_sessions
         self._held: dict[ShardKey, _Held] = {}
@@ -69,7 +73,7 @@ class ShardHost:
                 log.info("loading %s layers [%d, %d)", entry.name, start, end)
                 t0 = time.monotonic()
                 shard = await self.compute(
-                    lambda: Shard.load(entry, start, end, max_sessions=self.max_sessions)
+                    lambda: Shard.load(entry, start, end, max_sessions=self.max_sessions, threads=self.threads)
                 )
                 log.info("loaded %s layers [%d, %d) in %.1f s", entry.name, start, end, time.monotonic() - t0)
                 held = self._held[key] = _Held(shard)
