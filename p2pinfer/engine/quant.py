@@ -130,7 +130,7 @@ class QTensor:
             _fill(parts, "dm", dm, np.float32, device)
             _fill(parts, "scm", _unpack_k_scales(b[..., 4:16]), np.uint8, device)
             if qt == Q.Q5_K:
-                _fill(parts, "qh", _q5k_qh_to_lanes(b[..., 16:48]), np.uint8, device)
+                _fill(parts, "qh", b[..., 16:48], np.uint8, device)
                 _fill(parts, "qs", b[..., 48:].reshape(n, k // block, 4, 32), np.uint8, device)
             else:
                 _fill(parts, "qs", b[..., 16:].reshape(n, k // block, 4, 32), np.uint8, device)
@@ -239,7 +239,7 @@ class QTensor:
             put_f16(2, p["dm"][..., 1])
             out[..., 4:16] = _pack_k_scales(p["scm"])
             if qt == Q.Q5_K:
-                out[..., 16:48] = _q5k_qh_from_lanes(p["qh"])
+                out[..., 16:48] = p["qh"]
                 out[..., 48:] = p["qs"].reshape(n, k // block, 128)
             else:
                 out[..., 16:] = p["qs"].reshape(n, k // block, 128)
@@ -276,23 +276,6 @@ def _unpack_k_scales(s: np.ndarray) -> np.ndarray:
     sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
     mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
     return np.stack([sc, mn], axis=-2)
-
-
-def _q5k_qh_to_lanes(qh: np.ndarray) -> np.ndarray:
-    """Q5_K high bits: file qh[i] bit s (element 32s+i) -> (.., 8 [s], 4 [i//8]) bytes with bit i%8, so the kernel
-    shifts by the innermost lane index (a constant once unrolled). Same 32 bytes; done in row chunks."""
-    out = np.empty((*qh.shape[:-1], 8, 4), dtype=np.uint8)
-    for r in range(0, qh.shape[0], 4096):
-        bits = np.unpackbits(qh[r : r + 4096, ..., None], axis=-1, bitorder="little")  # (.., 32 [i], 8 [s])
-        bits = np.swapaxes(bits, -1, -2).reshape(*bits.shape[:-2], 8, 4, 8)
-        out[r : r + 4096] = np.packbits(bits, axis=-1, bitorder="little")[..., 0]
-    return out
-
-
-def _q5k_qh_from_lanes(qh2: np.ndarray) -> np.ndarray:
-    bits = np.unpackbits(qh2[..., None], axis=-1, bitorder="little")  # (.., 8 [s], 4, 8)
-    bits = np.swapaxes(bits.reshape(*bits.shape[:-3], 8, 32), -1, -2)  # (.., 32 [i], 8 [s])
-    return np.packbits(np.ascontiguousarray(bits), axis=-1, bitorder="little")[..., 0]
 
 
 def _pack_k_scales(scm: np.ndarray) -> np.ndarray:
@@ -444,8 +427,14 @@ def _kernel_opts(k, t: int, lanes: int) -> list:
         return True
 
     # the lanes are the trailing reduce axes (they may have been merged or kept apart by the scheduler)
-    while k.unrollable_dims and k.upcast_size() * k.full_shape[k.unrollable_dims[-1]] <= lanes:
-        if not attempt(Opt(OptOps.UNROLL, len(k.unrollable_dims) - 1, 0)):
+    # unroll outermost first so the innermost (contiguous) axis stays innermost in the unrolled code
+    ud, m, size = k.unrollable_dims, 0, 1
+    while m < len(ud) and size * k.full_shape[ud[len(ud) - 1 - m]] <= lanes:
+        size *= k.full_shape[ud[len(ud) - 1 - m]]
+        m += 1
+    first = len(ud) - m
+    for _ in range(m):
+        if not attempt(Opt(OptOps.UNROLL, first, 0)):
             break
     if k.ren.has_threads and k.ren.global_max is not None:
         for threads in (32, 16, 12, 8, 6, 5, 4, 3, 2):
@@ -469,7 +458,9 @@ def _unroll_count(w: QTensor) -> int:
     if qt == Q.Q8_0:
         return 32
     if qt == Q.Q6_K:
-        return 32 if _is_llvm(w.device) else 128
+        return 32 if _is_llvm(w.device) else 256
+    if qt == Q.Q5_K and not _is_llvm(w.device):
+        return 256  # clang: shift amounts constant only when the whole super-block is unrolled (4.5x)
     return 16
 
 
@@ -552,10 +543,9 @@ def qlinear_expr(x: Tensor, w: QTensor) -> Tensor:
         qs = p["qs"].reshape(1, n, nsb, 4, 1, 2, 16)
         q = (qs >> _shifts((1, 1, 1, 1, 2, 1, 1), 4, mult=4)) & 15
         if qt == Q.Q5_K:
-            # re-laid qh: byte 2c + i//8 of sub-block s holds bit i%8 of lanes 16c + 8(i//8) ..
-            qh = p["qh"].reshape(1, n, nsb, 4, 2, 2, 2, 1)
-            hb = ((qh >> _shifts((1, 1, 1, 1, 1, 1, 1, 8), 7)) & 1).reshape(1, n, nsb, 4, 2, 2, 16)
-            q = (q | (hb << 4)).cast(f32)
+            qh = p["qh"].reshape(1, n, nsb, 1, 1, 2, 16)  # the file's layout: bit 2j+h of qh[16c+i]
+            sh = Tensor.const(tuple(range(8)), dtypes.uint8).reshape(1, 1, 1, 4, 2, 1, 1)
+            q = (q | (((qh >> sh) & 1) << 4)).cast(f32)
             # written so no scale product is broadcast (at T > 1 that made the scheduler split off a kernel)
             prod = q * dm[..., 0] * scm[:, :, :, 0] * xr - xr * dm[..., 1] * scm[:, :, :, 1]
             return _lanes_last(prod, 4, 1)
