@@ -379,13 +379,8 @@ def _build_kernel(w: QTensor, t: int):
     k = Scheduler(_preprocess(ast), ren)
     k.convert_loop_to_global()
     opts = _kernel_opts(k, t, _unroll_count(w))
-    new_ast = ast.replace(arg=KernelInfo(name=ast.arg.name, opts_to_apply=tuple(opts)))
-    from tinygrad.codegen import full_rewrite_to_sink
-
-    full_rewrite_to_sink(
-        new_ast, ren
-    )  # raises here (-> fallback) rather than at realize if the opts don't apply
-    return new_ast, slots
+    # the opts were just applied to the same preprocessed AST apply_opts will see, so they apply at compile time too
+    return ast.replace(arg=KernelInfo(name=ast.arg.name, opts_to_apply=tuple(opts))), slots
 
 
 def _preprocess(ast):
@@ -458,7 +453,7 @@ def _unroll_count(w: QTensor) -> int:
     if qt == Q.Q8_0:
         return 32
     if qt == Q.Q6_K:
-        return 32 if _is_llvm(w.device) else 256
+        return 32 if _is_llvm(w.device) else 128
     if qt == Q.Q5_K and not _is_llvm(w.device):
         return 256  # clang: shift amounts constant only when the whole super-block is unrolled (4.5x)
     return 16
