@@ -168,7 +168,11 @@ class LayerStack:
         y = transformer_block(self.cfg, unflatten_layer(sig, weights), x, cache, start_pos, cos, sin, mask)
         return out.assign(y)
 
-    def head_step(self, x: Tensor, last_row: int | UOp) -> Tensor:
-        """x (T, hidden) -> logits (vocab,) of row `last_row`."""
+    def head_weights(self) -> dict[str, Tensor | QTensor]:
+        return {"norm": self.final_norm, "head": self.lm_head}
+
+    def head_step(self, sig: WeightSignature, x: Tensor, last_row: int | UOp, weights: list) -> Tensor:
+        """x (T, hidden) -> logits (vocab,) of row `last_row`; the weights are JIT inputs, as in layer_step."""
+        w = unflatten_layer(sig, weights)
         last = x if x.shape[0] == 1 else x[last_row : last_row + 1]
-        return linear(rms_norm(last, self.final_norm, self.cfg.rms_eps), self.lm_head).reshape(-1)
+        return linear(rms_norm(last, w["norm"], self.cfg.rms_eps), w["head"]).reshape(-1)
