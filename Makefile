@@ -9,6 +9,7 @@ export VENV
 
 run:
 	bash .ci/setup.sh run
+	$(PY) -m p2pinfer warm  # compiles the engine's kernels once per machine (seconds when already cached)
 	$(PY) -m p2pinfer run --http-port $(PORT)
 
 test:
