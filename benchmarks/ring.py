@@ -11,6 +11,11 @@ shards), then REPEATS measured requests: a ~128-token prompt, 128 greedy tokens,
             token (k-1 hidden-state hops and the token's hop back to the first member)
 
 Run: python benchmarks/ring.py [--repeats 3] [--tokens 128]
+
+--synthetic: the synthetic ~1B-shaped Q4_0 model of benchmarks/engine.py (written once to its cache dir)
+served by 3 peers whose --memory-limit is a third of what the model needs plus a margin, so that none of
+them could hold it alone (the script checks that and prints both numbers); reports its decode tok/s and
+layer ranges (there is no 1-peer baseline to divide by: that is the point).
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ PROMPT = (
 )
 
 
-def start_ring(work: Path, peers: int) -> list[AgentProcess]:
+def start_ring(work: Path, peers: int, limit: str | None = None, extra: tuple[str, ...] = ()) -> list[AgentProcess]:
     secret = new_secret()
-    limit = CONFIGS[peers]
-    extra = ["--memory-limit", limit] if limit else []
+    limit = limit or CONFIGS[peers]
+    extra = (["--memory-limit", limit] if limit else []) + list(extra)
     agents = [AgentProcess(work, f"k{peers}-0", *extra, secret_hex=secret).start()]
     agents[0].wait_ready()
     for i in range(1, peers):
@@ -53,12 +58,12 @@ def start_ring(work: Path, peers: int) -> list[AgentProcess]:
     return agents
 
 
-def one_request(client: openai.OpenAI, tokens: int) -> tuple[float, float, int]:
+def one_request(client: openai.OpenAI, tokens: int, model: str = MODEL) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     first = last = None
     n = 0
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0,
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0,
         stream=True, stream_options={"include_usage": True})  # fmt: skip
     for chunk in stream:
         if chunk.usage:
@@ -72,16 +77,17 @@ def one_request(client: openai.OpenAI, tokens: int) -> tuple[float, float, int]:
     return first - t0, (n - 1) / (last - first) if last > first else float("nan"), n
 
 
-def measure(peers: int, repeats: int, tokens: int) -> dict:
+def measure(peers: int, repeats: int, tokens: int, model: str = MODEL, limit: str | None = None,
+            extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
-        agents = start_ring(Path(d), peers)
+        agents = start_ring(Path(d), peers, limit, extra)
         try:
             entry = agents[-1]
             client = openai.OpenAI(base_url=entry.url + "/v1", api_key="x", timeout=900, max_retries=0)
             t0 = time.perf_counter()
-            one_request(client, 8)  # warm-up: shards load and compile
+            one_request(client, 8, model)  # warm-up: shards load and compile
             warm = time.perf_counter() - t0
-            runs = [one_request(client, tokens) for _ in range(repeats)]
+            runs = [one_request(client, tokens, model) for _ in range(repeats)]
             layers = sorted(tuple(r) for a in agents for p in a.get("/v1/cluster")["peers"] if p["self"]
                             for r in p["layers"])  # fmt: skip
         except Exception:
@@ -96,12 +102,34 @@ def measure(peers: int, repeats: int, tokens: int) -> dict:
     return {"peers": peers, "ttft": ttft, "tps": tps, "tokens": runs[0][2], "warm": warm, "layers": layers}
 
 
+def synthetic(repeats: int, tokens: int) -> None:
+    """The ~1B-shaped model over 3 peers that each offer about a third of what it needs."""
+    from benchmarks.engine import SYNTH_1B_NAME, model_path
+    from p2pinfer.engine import ModelCatalog
+    from p2pinfer.serve.entry import model_needs
+
+    cache = Path.home() / ".cache" / "p2pinfer-bench"
+    path = model_path("synth-1b", cache)
+    need = model_needs(ModelCatalog([path.parent], include_embedded=False).get(SYNTH_1B_NAME)).total_bytes
+    limit = int(need / 3 * 1.2)
+    assert limit < need, "the limit must leave every peer too small for the whole model"
+    print(f"{SYNTH_1B_NAME}: needs {need / 2**20:.0f} MiB with KV headroom; each of 3 peers offers "
+          f"{limit / 2**20:.0f} MiB (--memory-limit), so none can serve it alone")  # fmt: skip
+    r = measure(3, repeats, tokens, SYNTH_1B_NAME, f"{limit // 2**20}M",
+                ("--models-dir", str(path.parent), "--model", SYNTH_1B_NAME))  # fmt: skip
+    print(f"3 peers: ttft {r['ttft']:.2f} s, decode {r['tps']:.2f} tok/s, layers {r['layers']}, "
+          f"warm-up {r['warm']:.0f} s")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--peers", type=int, nargs="*", default=[1, 2, 3])
+    ap.add_argument("--synthetic", action="store_true", help="the ~1B-shaped model on 3 peers (see above)")
     args = ap.parse_args()
+    if args.synthetic:
+        return synthetic(args.repeats, args.tokens)
     results = [measure(k, args.repeats, args.tokens) for k in args.peers]
     base = results[0]
     print(
