@@ -225,14 +225,19 @@ def worker_llama(job: dict) -> dict:
                 n_batch=512, verbose=False, logits_all=False)  # fmt: skip
     t_load = time.perf_counter()
 
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # llama-cpp-python >= 0.3.x keeps llm.scores only with logits_all=True
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).copy()
+
     def prefill(x):
         llm.reset()
         llm.eval(list(map(int, x)))
-        return np.asarray(llm.scores[llm.n_tokens - 1])
+        return last_logits()
 
     def step(x):
         llm.eval([int(x[0])])
-        return np.asarray(llm.scores[llm.n_tokens - 1])
+        return last_logits()
 
     first = int(np.argmax(prefill(job["chat"])))
     t_first = time.perf_counter()
@@ -343,7 +348,8 @@ def bench_model(which: str, args, bandwidth: float | None) -> None:
     print(
         f"\n== {which}: {path.name}, {facts['layers']} layers x {facts['hidden']}, "
         f"{facts['file_bytes'] / 2**20:.1f} MiB GGUF; a decode step reads {facts['step_bytes'] / 1e6:.1f} MB "
-        f"of weights; prompt {len(prompt)} tokens, decode {n}, threads {args.threads}",
+        f"of weights; prompt {len(prompt)} tokens, decode {n}, threads {args.threads}; "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     job = dict(path=str(path), prompt=prompt, chat=chat, n=n, threads=args.threads, throughput=True)
@@ -366,6 +372,7 @@ def bench_model(which: str, args, bandwidth: float | None) -> None:
         t = str(args.threads)
         results["numpy"] = run_worker("numpy", job, env={"OPENBLAS_NUM_THREADS": t, "OMP_NUM_THREADS": t})
 
+    print(f"(load average after the runs {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     labels = {"engine": "tinygrad engine", "llama": f"llama.cpp ({args.threads} thr)", "numpy": "numpy f32"}
     for k, r in results.items():
         if "error" in r:
