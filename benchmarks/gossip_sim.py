@@ -7,8 +7,9 @@ is verified for real once and the result shared by every receiver (verifying the
 times would only cost wall time); the per-receiver checks (stale seq, unknown peer) all run.
 
 What is modelled: gossipsub as a mesh of degree D (kept within bounds each 1 s router heartbeat,
-like net/gossip.py: D=4 within 3..8), flooding each new message to mesh neighbours except the sender, dedup by
-message id, IHAVE to 3 random non-mesh peers each router heartbeat with the ids first seen in the
+like net/gossip.py: D=4 within 3..8), relaying each new message to mesh neighbours except the
+sender, a peer's own messages flooded to every peer it is connected to (its mesh and every peer
+whose record it holds: the agent dials peers it learns), dedup by message id, IHAVE to 3 random non-mesh peers each router heartbeat with the ids first seen in the
 last heartbeat and IWANT of the unknown ones; per-copy latency uniform 0.5-3 ms; each copy lost with
 probability --loss. Peers start spread over --spread s; a new peer connects to D random started
 peers, which then see a new neighbour (as Membership._watch_neighbours does). Bytes per copy: the
@@ -120,6 +121,7 @@ class Sim:
         self.q: list = []
         self._n = 0
         self.nodes = [Node(i, self) for i in range(n)]
+        self.index = {m.peer_id: m.idx for m in self.nodes}
         self.sent_bytes = [0] * n
         self.counts: dict[str, int] = defaultdict(int)
         self.false_expiries = 0
@@ -180,7 +182,10 @@ class Sim:
         node.seen.add(mid)
         node.recent.append(mid)
         node.cache[mid] = data
-        for j in node.mesh:
+        # flood publish: to every connected peer, i.e. the mesh and every peer whose record we hold
+        # (the agent dials the peers it learns)
+        targets = set(node.mesh) | {self.index[p] for p in node.ann.view._entries if p != node.peer_id}
+        for j in targets:
             self.send(node, self.nodes[j], mid, data)
 
     def send(self, src: Node, dst: Node, mid: bytes, data: bytes) -> None:

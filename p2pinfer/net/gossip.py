@@ -19,8 +19,8 @@ constant (`_get_adaptive_gossip_peers_count` ignores the flag for its floor of 6
 the peers: overridden). Also: a 60 s backoff after a PRUNE and a 10 s "GRAFT flood" rule (a GRAFT
 within 10 s of a PRUNE is penalised with another PRUNE): with peers joining, a pruned pair could not
 mesh again for a minute, and a new peer connected only to such a neighbour had an empty mesh and
-published to nobody. Backoff 5 s, flood rule 1 s, and our own messages go to every topic peer while
-our mesh is below D_low.
+published to nobody. Backoff 5 s, flood rule 1 s, and our own messages go to every topic peer
+(flood publish, below).
 
 Each pubsub RPC also carries the sender's signed libp2p peer record (~210 bytes, py-libp2p 0.8.1),
 which the sender re-marshals (~0.15 ms) and the receiver re-verifies (~0.3 ms) on every RPC: the
@@ -69,13 +69,14 @@ class _Router(GossipSub):
         return min(GOSSIP_PEERS, max(0, total_peers))
 
     def _get_peers_to_send(self, topic_ids, msg_forwarder, origin, msg_id=None):
-        """A subscribed peer publishes only to its mesh, so a peer whose mesh is still empty (just
-        started, or pruned) would be silent: our own messages then go to every peer in the topic."""
+        """Flood publish (go-libp2p's default, not py-libp2p's): our own messages go to every peer in
+        the topic, not only the mesh, so a heartbeat takes one hop and does not wait on a relay that
+        is busy (a peer starting up, a loaded box) or on a mesh still forming. Relayed messages
+        follow the mesh as usual."""
         peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
         if self.pubsub is not None and origin == self.pubsub.my_id:
             for topic in topic_ids:
-                if len(self.mesh.get(topic, ())) < self.degree_low:
-                    peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p != msg_forwarder)
+                peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p != msg_forwarder)
         yield from peers
 
 
