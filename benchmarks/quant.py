@@ -83,13 +83,14 @@ def make_raw(qt, n: int, k: int, rng) -> np.ndarray:
     return w if qt == Q.F32 else quants.quantize(w, qt)
 
 
-def bench_numpy(n: int, k: int, reps: int, rng) -> float:
+def bench_numpy(n: int, k: int, t: int, reps: int, rng) -> float:
+    """numpy float32 W @ x (T=1) or x @ W.T (T>1), one BLAS thread."""
     w = rng.standard_normal((n, k), dtype=np.float32)
-    x = rng.standard_normal(k, dtype=np.float32)
+    x = rng.standard_normal(k, dtype=np.float32) if t == 1 else rng.standard_normal((t, k), dtype=np.float32)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        w @ x
+        _ = w @ x if t == 1 else x @ w.T
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts)) * 1e6
 
@@ -121,9 +122,9 @@ def main() -> None:
     print(f"memory read bandwidth (numpy sum over 1 GiB, 1 thread): {bw:.1f} GB/s")
     np_us = {}
     for n, k in shapes:
-        np_us[(n, k)] = bench_numpy(n, k, args.reps, rng)
+        np_us[(n, k)] = bench_numpy(n, k, args.t, args.reps, rng)
         print(
-            f"numpy f32 matvec {n}x{k}: {np_us[(n, k)]:.0f} us ({n * k * 4 / np_us[(n, k)] / 1e3:.1f} GB/s)"
+            f"numpy f32 {n}x{k} T={args.t}: {np_us[(n, k)]:.0f} us ({n * k * 4 / np_us[(n, k)] / 1e3:.1f} GB/s)"
         )
     print()
     print(
