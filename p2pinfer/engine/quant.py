@@ -1,19 +1,28 @@
 """Weights kept in their GGUF encoding in memory; dequantised inside the matmul kernel.
 
     w = QTensor.from_raw(reader.tensors[i].data, reader.tensors[i].tensor_type, (out_features, in_features))
-    w = w.take_rows(perm)                 # e.g. undo llama.cpp's Q/K row permutation: a uint8 copy
-    y = qlinear(x, w)                     # x float32 (T, in) -> (T, out) = x @ dequant(w).T, ONE kernel
-    rows = w.dequantize_rows(ids)         # float32 (len(ids), in) on the host (embedding gather)
+    w = QTensor.from_float16(arr) / QTensor.from_bfloat16(bits) / QTensor.from_float32(arr)   # safetensors
+    w = w.take_rows(perm)                 # e.g. undo llama.cpp's Q/K row permutation: a copy of packed bytes
+    y = qlinear(x, w)                     # x float32 (T, in) -> (T, out) = x @ dequant(w).T: ONE kernel, lazy
+    rows = w.dequantize_rows(ids)         # float32 (len(ids), in) on the host (embedding gather, tied head)
+    w.raw_rows(ids), w.numpy_parts()      # GGUF bytes of some rows / zero-copy numpy views of the parts
+    w.ggml_type, w.shape, w.nbytes (resident), w.raw_nbytes (in the file)
 
-A QTensor holds a few realized tinygrad tensors ("parts") whose memory is written once, straight from the
-GGUF bytes (numpy views of the tinygrad buffers; no float32 copy of the matrix ever exists). Per type, the
-parts are the file's bytes re-laid per block: quant bytes unchanged, fp16 block scales widened to float32
-where the resident size stays <= ~1.1x the file's bytes (Q4_1/Q5_1 keep their fp16 min, the K-quants
-keep float32 super-block scales with 6-bit sub-scales unpacked to one byte each).
+Types: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K F16 BF16 F32; others raise UnsupportedModelError, a wrong
+byte count ModelFileError. A QTensor holds a few realized tinygrad tensors ("parts") written once, straight
+from the GGUF bytes through numpy views of the tinygrad buffers (no float32 copy of the matrix ever exists).
+Per type the parts are the file's blocks split by field: quant bytes unchanged, fp16 block scales widened to
+float32 where the resident size stays <= 1.11x the file's (Q4_1/Q5_1 keep their fp16 min; K-quants keep
+float32 d/dmin with the 6-bit sub-scales unpacked to a byte each; F16/BF16 stay 16-bit as uint16).
 
 The matvec is written "lanes-last" (see /work/shared/ENGINE.md): the product is shaped
-(T, out, *block axes, *lane axes), summed over the block axes first, then over the in-block lanes, so the
-generated C keeps independent accumulators per lane instead of one latency-bound chain.
+(T, out, *block axes, 16 lanes), summed over the block axes first, then over the lanes, so the kernel keeps
+independent accumulators. tinygrad's own optimiser upcasts 3-4 output rows of such a matvec, which made these
+kernels 5-15x slower on CPU; so qlinear schedules the expression once per (type, shape, T) and re-issues the
+kernel through Tensor.custom_kernel with explicit options (see _kernel_opts): one row per iteration, the lanes
+unrolled, T upcast by 4 for prefill, output rows split over core_id threads. Some choices differ for
+tinygrad's LLVM and clang backends (measured, see benchmarks/quant.py); if building the explicit kernel ever
+fails (tinygrad internals), qlinear warns once and falls back to the plain expression.
 """
 
 from __future__ import annotations
