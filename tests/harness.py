@@ -35,6 +35,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_exc})")
 
 
+# Test agents share one kernel and captured-step cache (each would otherwise compile and capture the same
+# steps in its own fresh data dir); its keys hold the engine's code, so a stale entry is never used.
+SHARED_KERNEL_CACHE = Path(os.environ.get("P2PINFER_TEST_KERNEL_CACHE", "/tmp/p2pinfer-test-kernels")) / "kernels.db"
+
+
 class AgentProcess:
     def __init__(self, workdir: Path, name: str, *args: str, secret_hex: str | None = None, env=None):
         self.name = name
@@ -47,7 +52,7 @@ class AgentProcess:
             secret_file = workdir / f"{name}.secret"
             secret_file.write_text(secret_hex + "\n")
             self.args += ["--cluster-secret-file", str(secret_file)]
-        self.env = {**os.environ, **(env or {})}
+        self.env = {"CACHEDB": str(SHARED_KERNEL_CACHE), **os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
