@@ -181,7 +181,10 @@ def shard_load_kwargs(shard_cls, threads: int, max_context: int) -> dict:
 
 
 def worker_engine(job: dict) -> dict:
-    from p2pinfer.engine import Shard
+    from p2pinfer.engine import Shard, use_kernel_cache
+
+    if "CACHEDB" in os.environ:  # as an agent does: kernels and captured steps kept beside that file
+        use_kernel_cache(os.path.dirname(os.environ["CACHEDB"]))
 
     t_import = time.perf_counter()
     entry = _entry_for(Path(job["path"]))
