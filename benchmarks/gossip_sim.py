@@ -7,7 +7,7 @@ is verified for real once and the result shared by every receiver (verifying the
 times would only cost wall time); the per-receiver checks (stale seq, unknown peer) all run.
 
 What is modelled: gossipsub as a mesh of degree D (kept within bounds each 1 s router heartbeat,
-like net/gossip.py: D=4 within 3..8), relaying each new message to mesh neighbours except the
+like net/gossip.py: D=2 within 1..4), relaying each new message to mesh neighbours except the
 sender, a peer's own messages flooded to every peer it is connected to (its mesh and every peer
 whose record it holds: the agent dials peers it learns), dedup by message id, IHAVE to 3 random non-mesh peers each router heartbeat with the ids first seen in the
 last heartbeat and IWANT of the unknown ones; per-copy latency uniform 0.5-3 ms; each copy lost with
@@ -43,7 +43,7 @@ import p2pinfer.cluster.announce as announce  # noqa: E402
 from p2pinfer.cluster.record import open_message  # noqa: E402
 from p2pinfer.identity import Identity  # noqa: E402
 
-D, D_LOW, D_HIGH, GOSSIP_PEERS = 4, 3, 8, 3
+D, D_LOW, D_HIGH, GOSSIP_PEERS = 2, 1, 4, 3
 ROUTER_HEARTBEAT = 1.0
 TTL = 6.0
 SECRET = b"\x11" * 32

@@ -1,9 +1,12 @@
 """One gossipsub topic, configured deliberately; knows bytes and a validator, nothing of records.
 
 Sized for clusters of 2-100 peers whose messages are small (heartbeats ~160 bytes, full records
-~1 kB) and frequent (every peer, every 1.5 s): mesh degree D=4 (3..6) keeps each message at ~3
-copies per peer per hop (D=6 would be 5) while a 100-peer mesh is still ~4 hops across (up to 8
-before pruning, so small clusters do not oscillate); IHAVE
+~1 kB) and frequent (every peer, every 1.5 s). A peer's own messages are flood-published to every
+connected peer (below), and agents dial every peer they learn, so the mesh only carries relays for
+pairs not (yet) connected: every relayed copy to a connected peer is a duplicate that costs both
+ends a py-libp2p RPC (~0.5-1 ms of CPU each: yamux, Noise, protobuf, trio). Mesh degree D=2
+(1..4) keeps relays at ~1-3 copies per message per peer (D=4..8 made 20 agents on 2 cores spend
+0.11 core each and flap); IHAVE
 gossip to 3 non-mesh peers about the last router heartbeat's messages (each id is 46 bytes: a
 longer window costs more than the copies it recovers, and the next heartbeat or a Want heals a
 loss anyway); a 1 s router heartbeat so the mesh forms and heals within seconds.
@@ -50,7 +53,7 @@ log = logging.getLogger("p2pinfer.gossip")
 
 SUBSCRIPTION_QUEUE = 1024
 MAX_RPC_BYTES = 256 * 1024
-DEGREE, DEGREE_LOW, DEGREE_HIGH = 4, 3, 8
+DEGREE, DEGREE_LOW, DEGREE_HIGH = 2, 1, 4
 PRUNE_BACKOFF_S = 5  # py-libp2p: 60
 GOSSIP_PEERS = 3  # IHAVE targets per router heartbeat
 GOSSIP_WINDOW, GOSSIP_HISTORY = 1, 2  # router heartbeats
