@@ -17,7 +17,14 @@ class _Libp2pNoise(logging.Filter):
         "Failed to open TCP stream",
     )
 
+    # gossipsub mesh upkeep py-libp2p logs at WARNING: routine while peers join and leave
+    MESH = ("GRAFT: ignoring request from", "GRAFT flood detected from peer")
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("libp2p.pubsub") and record.levelno == logging.WARNING:
+            if any(q in record.getMessage() for q in self.MESH):
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return logging.getLogger().isEnabledFor(logging.DEBUG)
         if record.name.startswith("libp2p") and record.levelno >= logging.ERROR:
             msg = record.getMessage()
             if any(q in msg for q in self.QUIET):
