@@ -35,19 +35,27 @@ def _host_view(t: Tensor) -> np.ndarray:
     return np.frombuffer(mv, dtype=np.float32 if t.dtype == dtypes.float32 else np.int32).reshape(t.shape)
 
 
+def _code_salt() -> tuple:
+    """What a captured step depends on besides its key: tinygrad, the backend, and the engine's code as this
+    process imported it (hashed now, at import: a file edited or upgraded later must not vouch for old code)."""
+    from importlib.metadata import version
+
+    here = Path(__file__).parent
+    files = ("model.py", "quant.py", "shard.py", "runner.py")
+    return (version("tinygrad"), *(hashlib.sha256((here / f).read_bytes()).hexdigest() for f in files))
+
+
+_CODE_SALT = _code_salt()
+
+
 def step_cache_path(key: tuple) -> Path | None:
     """Where a captured step with this key is kept: beside the kernel cache once the agent configured one
-    (device.use_kernel_cache), else nowhere. The key is salted with the engine's own code and versions."""
+    (device.use_kernel_cache), else nowhere."""
     from . import runner
 
     if runner.CACHE_DIR is None:
         return None
-    from importlib.metadata import version
-
-    salt = [version("tinygrad"), os.environ.get("DEV", "")]
-    for module in ("model.py", "quant.py", "shard.py", "runner.py"):
-        salt.append(hashlib.sha256((Path(__file__).parent / module).read_bytes()).hexdigest())
-    digest = hashlib.sha256(repr((key, salt)).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(repr((key, os.environ.get("DEV", ""), _CODE_SALT)).encode()).hexdigest()[:32]
     return Path(runner.CACHE_DIR) / "steps" / f"{digest}.pkl"
 
 
