@@ -52,53 +52,15 @@ def _clean(found: dict) -> dict:
     return out
 
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
 def _from_gguf(path: Path) -> dict:
-    """Scan the GGUF key-value header for the sampling keys (skipping the rest, e.g. the vocabulary,
-    without building it: gguf.GGUFReader takes seconds on a big tokenizer)."""
-    import mmap
-    import struct
+    """The sampling keys of the GGUF header (the lean reader decodes nothing else)."""
+    from .gguf_file import GGUFFile
 
-    found = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != b"GGUF":
-            return {}
-        version = struct.unpack_from("<I", m, 4)[0]
-        if version < 2:
-            return {}
-        n_kv = struct.unpack_from("<Q", m, 16)[0]
-        pos = 24
-
-        def string(pos: int) -> tuple[bytes, int]:
-            n = struct.unpack_from("<Q", m, pos)[0]
-            return m[pos + 8 : pos + 8 + n], pos + 8 + n
-
-        def skip(kind: int, pos: int) -> int:
-            if kind in _SCALAR:
-                return pos + struct.calcsize(_SCALAR[kind])
-            if kind == 8:
-                return string(pos)[1]
-            if kind == 9:
-                sub, count = struct.unpack_from("<IQ", m, pos)
-                pos += 12
-                if sub in _SCALAR:
-                    return pos + count * struct.calcsize(_SCALAR[sub])
-                for _ in range(count):
-                    pos = skip(sub, pos)
-                return pos
-            raise ValueError(f"unknown GGUF value type {kind}")
-
-        for _ in range(n_kv):
-            key, pos = string(pos)
-            kind = struct.unpack_from("<I", m, pos)[0]
-            pos += 4
-            name = _GGUF_KEYS.get(key.decode("utf-8", "replace"))
-            if name is not None and kind in _SCALAR:
-                found[name] = struct.unpack_from(_SCALAR[kind], m, pos)[0]
-            pos = skip(kind, pos)
-    return found
+    f = GGUFFile(path)
+    try:
+        return {name: f.field(key) for key, name in _GGUF_KEYS.items() if key in f.fields}
+    finally:
+        f.close()
 
 
 def _from_hf(path: Path) -> dict:
