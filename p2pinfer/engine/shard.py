@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import pickle
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tinygrad import Context, GlobalCounters, Tensor, TinyJit, UOp, dtypes
@@ -25,7 +22,7 @@ from .runner import KernelPlan, StepTemplate, default_threads
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096  # KV capacity per session unless the caller asks for more (up to the model's)
-WARM_CAPACITY = 2048  # KV size classes up to this are warmed at load: such requests never wait for a capture
+WARM_CAPACITY = 2048  # the KV class warmed at load: what a request without max_tokens gets (others capture on use)
 PREFILL_CHUNK = 32  # prefill runs in padded chunks of this many positions: one JIT serves every prompt length
 
 
@@ -33,30 +30,6 @@ def _host_view(t: Tensor) -> np.ndarray:
     """A numpy array sharing a realized CPU tensor's memory (no copy; valid while the tensor lives)."""
     mv = t.uop.buffer.as_memoryview(force_zero_copy=True)
     return np.frombuffer(mv, dtype=np.float32 if t.dtype == dtypes.float32 else np.int32).reshape(t.shape)
-
-
-def _code_salt() -> tuple:
-    """What a captured step depends on besides its key: tinygrad, the backend, and the engine's code as this
-    process imported it (hashed now, at import: a file edited or upgraded later must not vouch for old code)."""
-    from importlib.metadata import version
-
-    here = Path(__file__).parent
-    files = ("model.py", "quant.py", "shard.py", "runner.py")
-    return (version("tinygrad"), *(hashlib.sha256((here / f).read_bytes()).hexdigest() for f in files))
-
-
-_CODE_SALT = _code_salt()
-
-
-def step_cache_path(key: tuple) -> Path | None:
-    """Where a captured step with this key is kept: beside the kernel cache once the agent configured one
-    (device.use_kernel_cache), else nowhere."""
-    from . import runner
-
-    if runner.CACHE_DIR is None:
-        return None
-    digest = hashlib.sha256(repr((key, os.environ.get("DEV", ""), _CODE_SALT)).encode()).hexdigest()[:32]
-    return Path(runner.CACHE_DIR) / "steps" / f"{digest}.pkl"
 
 
 def capacity_classes(max_context: int) -> tuple[int, ...]:
@@ -174,11 +147,9 @@ class Shard:
 
     def warm_up(self) -> None:
         """Capture and compile the decode and prefill steps now, so requests never pay for it."""
-        for capacity in capacity_classes(self.max_context):
-            if capacity > WARM_CAPACITY and capacity != capacity_classes(self.max_context)[0]:
-                break
-            for t in (1, self.prefill_chunk):
-                self._plan(t, capacity)
+        capacity = self._capacity_for(min(WARM_CAPACITY, self.max_context))
+        for t in (1, self.prefill_chunk):
+            self._plan(t, capacity)
 
     def _plan(self, t: int, capacity: int) -> _StepPlan:
         """The step for chunks of `t` positions over KV of `capacity`: one captured layer per weight
@@ -201,50 +172,34 @@ class Shard:
         templates: dict = {}
         bufs = self._act[t]
         start = self._v_start.bind(0)
-        capacity = scratch.caches[0].shape[2] if scratch.caches else 0
         for i, w in enumerate(self._layers):
             src, dst = bufs[i % 2], bufs[(i + 1) % 2]
             sig, flat = layer_signature(w), flatten_layer(w)
             if sig not in templates:
                 # JIT slots: 0 src, 1 dst, 2 KV cache, 3.. the layer's weights
-                templates[sig] = self._template(("layer", sig, t, capacity), functools.partial(
-                    self._stack.layer_step, sig), src, dst, scratch.caches[i], start, flat)  # fmt: skip
+                templates[sig] = self._template(functools.partial(self._stack.layer_step, sig), src, dst,
+                                                scratch.caches[i], start, flat)  # fmt: skip
             kernels.add(templates[sig], {0: src, 1: dst, **{3 + k: v for k, v in enumerate(flat)}})
         out = bufs[len(self._layers) % 2]
         if self.is_last:
             w = self._stack.head_weights()
             sig, flat = layer_signature(w), flatten_layer(w)
-            head = self._template(("head", sig, t), functools.partial(self._stack.head_step, sig), out,
+            head = self._template(functools.partial(self._stack.head_step, sig), out,
                                   self._v_last.bind(0) if t > 1 else 0, flat)  # fmt: skip
             kernels.add(head, {0: out, **{1 + k: v for k, v in enumerate(flat)}})
             out = head.ret
         return _StepPlan(kernels, bufs[0], out)
 
-    def _template(self, key: tuple, fn, *args) -> StepTemplate:
-        """A captured step function: from the step cache when an identical capture was saved, else captured now.
+    def _template(self, fn, *args) -> StepTemplate:
+        """Capture a step function (schedule, generate and compile its kernels; compiled kernels come from
+        tinygrad's disk cache when it has them) and read it into a kernel table template.
 
-        Capturing means scheduling and generating code for the step in Python (seconds per step, even with
-        compiled kernels cached); a pickled capture loads in ~0.1 s. The key holds everything the capture
-        depends on besides input buffers: the model's shape, the step, the code and the kernel settings.
-        """
-        path = step_cache_path((*key, repr(self.config), self.max_context + self.prefill_chunk, self.threads,
-                                self.beam))  # fmt: skip
-        if path is not None and path.is_file():
-            try:
-                return StepTemplate(pickle.loads(path.read_bytes()))
-            except Exception as e:  # stale or damaged: capture again (and overwrite it)
-                log.debug("step cache %s unusable (%s); capturing", path.name, e)
+        Not pickled across processes: an unpickled capture's buffer UOps are hash-consed with live ones of
+        the loading process that carry the same unique number, so its kernels read the wrong memory (seen:
+        correct alone, garbage once several shards were loaded in one process)."""
         jit = TinyJit(fn)
         jit.cnt = 1  # capture on the first call: everything it reads is realized already
         jit(*args)
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(pickle.dumps(jit))
-                os.replace(tmp, path)
-            except (OSError, pickle.PicklingError) as e:
-                log.warning("cannot save the captured step to %s: %s", path, e)
         return StepTemplate(jit)
 
     # ---- sessions ------------------------------------------------------------------------------------
