@@ -35,8 +35,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_exc})")
 
 
-# Test agents share one kernel and captured-step cache (each would otherwise compile and capture the same
-# steps in its own fresh data dir); its keys hold the engine's code, so a stale entry is never used.
+# Test agents share one compiled-kernel cache (each would otherwise compile the same kernels in its own
+# fresh data dir); tinygrad keys it by kernel source, so a stale entry is never used.
 SHARED_KERNEL_CACHE = Path(os.environ.get("P2PINFER_TEST_KERNEL_CACHE", "/tmp/p2pinfer-test-kernels")) / "kernels.db"
 
 
