@@ -158,7 +158,7 @@ class Shard:
         if plan is not None:
             return plan
         sid = "__warmup__"
-        self._open(sid, capacity, count_budget=False)
+        self._open(sid, capacity)
         try:
             # kernels are generated for this shard's thread count (tinygrad splits rows into `core_id` slices)
             with Context(BEAM=self.beam, NUM_CPU_THREADS=self.threads):
@@ -224,9 +224,9 @@ class Shard:
                 f"KV budget {self.kv_budget_bytes / 1e6:.0f} MB full ({len(self._sessions)} sessions hold"
                 f" {self._kv_bytes_in_use() / 1e6:.0f} MB; this one needs {need / 1e6:.0f} MB)"
             )
-        self._open(sid, max_tokens, count_budget=True)
+        self._open(sid, max_tokens)
 
-    def _open(self, sid: str, max_tokens: int, count_budget: bool) -> None:
+    def _open(self, sid: str, max_tokens: int) -> None:
         cfg = self.config
         capacity = self._capacity_for(max_tokens)
         dtype = dtypes.float32 if KV_BYTES == 4 else dtypes.float16
