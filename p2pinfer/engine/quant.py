@@ -260,7 +260,12 @@ class QTensor:
         return out.reshape(n, -1)
 
     def dequantize_rows(self, ids) -> np.ndarray:
-        """float32 (len(ids), in_features): rows `ids` dequantised on the host (gguf.quants), e.g. embeddings."""
+        """float32 (len(ids), in_features): rows `ids` dequantised on the host, e.g. embeddings (every decode
+        step gathers one): Q8_0 (the usual embedding type) straight from the parts, 5x faster than re-encoding
+        the rows for gguf.quants; other types through dequantize_rows."""
+        if self.ggml_type == Q.Q8_0:
+            p, ids = self.numpy_parts(), np.asarray(ids, dtype=np.int64).reshape(-1)
+            return (p["d"][ids][..., None] * p["qs"][ids]).reshape(ids.size, self.shape[1])
         return dequantize_rows(self, ids)
 
 
