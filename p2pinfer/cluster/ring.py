@@ -318,3 +318,69 @@ def _assign_layers(ring: list[Candidate], model: ModelNeeds, caps: list[int]) ->
         out.append(RingMember(c.peer_id, start, start + count))
         start += count
     return out
+
+
+def repair_ring(
+    candidates: Sequence[Candidate],
+    model: ModelNeeds,
+    previous: Sequence[RingMember],
+    failed: frozenset[str],
+    *,
+    exclude: frozenset[str] = frozenset(),
+) -> list[RingMember] | None:
+    """`previous` with the ranges of its `failed` members handed to spare peers; survivors keep theirs.
+
+    A replay then costs at most the load of the missing range (nothing when a spare holds it warm),
+    where a fresh election would move every boundary and make each survivor reload. A missing range
+    goes whole to the most preferred spare that fits it (one holding exactly that range first), else
+    is split over the roomiest spares. None when a survivor is gone or no spare set covers the gap:
+    the caller elects a new ring.
+    """
+    pool = {c.peer_id: c for c in candidates if c.memory_free > 0 and c.peer_id not in exclude}
+    ring_ids = {m.peer_id for m in previous}
+    for m in previous:
+        if m.peer_id not in failed and (
+            m.peer_id not in pool or model.range_bytes(m.start, m.end) > pool[m.peer_id].memory_free
+        ):
+            return None
+    spares = sorted(
+        (c for c in pool.values() if c.peer_id not in ring_ids), key=lambda c: _preference(c, model)
+    )
+    out: list[RingMember] = []
+    for m in previous:
+        if m.peer_id not in failed:
+            out.append(m)
+            continue
+        pieces = _cover(spares, model, m.start, m.end)
+        if pieces is None:
+            return None
+        taken = {p.peer_id for p in pieces}
+        spares = [c for c in spares if c.peer_id not in taken]
+        out.extend(pieces)
+    return out
+
+
+def _cover(spares: list[Candidate], model: ModelNeeds, start: int, end: int) -> list[RingMember] | None:
+    """Layers [start, end) on one spare if one fits (warm holders of exactly that range first), else
+    split in ring order over the spares with the most room."""
+    exact = (model.name, start, end)
+    need = model.range_bytes(start, end)
+    whole = [c for c in spares if c.memory_free >= need]
+    if whole:
+        best = min(whole, key=lambda c: (exact not in c.held, _preference(c, model)))
+        return [RingMember(best.peer_id, start, end)]
+    pieces, pos = [], start
+    for c in sorted(spares, key=lambda c: (-c.memory_free, c.peer_id)):
+        spare = c.memory_free - (model.embed_bytes if pos == 0 else 0)
+        tail = model.head_bytes if end == model.n_layers else 0
+        if (spare - tail) // model.per_layer_bytes >= end - pos:
+            count = end - pos  # the rest, with the head if the range has it
+        else:
+            count = min(end - pos - 1, spare // model.per_layer_bytes)  # a piece short of the end
+        if count < 1:
+            continue
+        pieces.append(RingMember(c.peer_id, pos, pos + count))
+        pos += count
+        if pos == end:
+            return pieces
+    return None

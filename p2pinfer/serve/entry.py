@@ -17,7 +17,7 @@ import numpy as np
 import trio
 
 from p2pinfer.cluster.record import PeerRecord
-from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, elect_ring
+from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, elect_ring, repair_ring
 from p2pinfer.engine import ModelCatalog, ModelEntry
 from p2pinfer.engine.sampling import PENALTY_LAST_N
 from p2pinfer.serve import protocol as P
@@ -30,6 +30,7 @@ READY_TIMEOUT = 300.0  # a member may load and compile its shard first
 FIRST_TOKEN_TIMEOUT = 120.0
 TOKEN_TIMEOUT = 30.0
 MAX_REPLAYS = 3
+REPLAY_BACKOFF = 0.5  # seconds, times the attempt number: the first replay starts at once
 KV_HEADROOM_TOKENS = 2048  # KV each member must have room for, on top of its weights
 
 
@@ -111,6 +112,14 @@ class EntryService:
         except ClusterTooSmall as e:
             raise RequestError(503, str(e), retry_after=5) from e
 
+    def replacement_ring(self, entry: ModelEntry, previous: list[RingMember], failed: set[str],
+                         lost: str) -> list[RingMember]:  # fmt: skip
+        """The ring to replay on after `lost` failed: `previous` with only the lost range moved to a
+        spare when that fits (survivors keep their warm shards), else a new election."""
+        repaired = repair_ring(candidates_for(self.records(), entry), model_needs(entry), previous,
+                               frozenset({lost}), exclude=frozenset(failed))  # fmt: skip
+        return repaired if repaired is not None else self.elect_avoiding(entry, failed)
+
     def elect_avoiding(self, entry: ModelEntry, failed: set[str]) -> list[RingMember]:
         """A ring without the members that failed this request; if none fits without them, take back
         those still alive in the view (a broken stream is not a dead peer) before giving up."""
@@ -156,10 +165,15 @@ class EntryService:
     ) -> None:
         generated: list[int] = []
         excluded: set[str] = set()
+        ring: list[RingMember] = []
+        lost = ""
         async with tx:
             for attempt in range(MAX_REPLAYS + 1):
                 try:
-                    ring = self.elect_avoiding(entry, excluded)
+                    if lost:
+                        ring = self.replacement_ring(entry, ring, excluded, lost)
+                    else:
+                        ring = self.elect_avoiding(entry, excluded)
                     self.rings[rid] = ring
                     self.on_ring(rid, ring, attempt)
                     if attempt:
@@ -175,6 +189,8 @@ class EntryService:
                         return
                     log.warning("request %s: %s", rid[:12], e)
                     excluded.add(e.peer)
+                    lost = e.peer
+                    await trio.sleep(REPLAY_BACKOFF * attempt)  # a member still tearing down the last try
                 except RequestError as e:
                     await tx.send(Event("error", error=e))
                     return
@@ -265,7 +281,9 @@ class EntryService:
             if kind == P.TOK:
                 tok = int(frame.header["id"])
                 generated.append(tok)
-                await tx.send(Event("token", token=tok, logprob=frame.header.get("lp"), top=frame.header.get("top")))
+                await tx.send(
+                    Event("token", token=tok, logprob=frame.header.get("lp"), top=frame.header.get("top"))
+                )
             elif kind == P.DONE:
                 finish.append(str(frame.header.get("reason", "stop")))
                 return

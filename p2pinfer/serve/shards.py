@@ -18,6 +18,7 @@ from p2pinfer.engine import EngineError, ModelEntry, Shard
 log = logging.getLogger("p2pinfer.shards")
 
 ShardKey = tuple[str, int, int]  # (model, start, end)
+BUSY_WAIT = 10.0  # seconds a load waits for busy shards to be released before answering "no memory"
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ShardHost:
         self._held: dict[ShardKey, _Held] = {}
         self._loading: dict[ShardKey, trio.Event] = {}
         self._engine_lock = trio.Lock()
+        self._released = trio.Event()  # set (and replaced) whenever a shard's last user releases it
 
     # --- what gossip says about us ---------------------------------------
     def layers(self) -> tuple[ShardKey, ...]:
@@ -69,11 +71,13 @@ class ShardHost:
             done = self._loading[key] = trio.Event()
             self.on_change()
             try:
-                self._evict_for(entry.shard_bytes(start, end))
+                await self._make_room(entry.shard_bytes(start, end))
                 log.info("loading %s layers [%d, %d)", entry.name, start, end)
                 t0 = time.monotonic()
                 shard = await self.compute(
-                    lambda: Shard.load(entry, start, end, max_sessions=self.max_sessions, threads=self.threads)
+                    lambda: Shard.load(
+                        entry, start, end, max_sessions=self.max_sessions, threads=self.threads
+                    )
                 )
                 log.info("loaded %s layers [%d, %d) in %.1f s", entry.name, start, end, time.monotonic() - t0)
                 held = self._held[key] = _Held(shard)
@@ -90,17 +94,29 @@ class ShardHost:
         if held is not None:
             held.users = max(0, held.users - 1)
             held.last_used = time.monotonic()
+            if held.users == 0:
+                self._released.set()
+                self._released = trio.Event()
 
-    def _evict_for(self, need: int) -> None:
+    async def _make_room(self, need: int) -> None:
+        """Evict idle shards for `need` bytes; when busy shards hold the room, wait a little for them
+        to be released (a request that just ended on this peer frees its shard a moment later)."""
+        with trio.move_on_after(BUSY_WAIT):
+            while not self._evict_for(need):
+                await self._released.wait()
+            return
+        if not self._evict_for(need):
+            raise EngineError(
+                f"no memory for {need} more bytes of layers: {self.held_bytes()} of {self.memory_limit} held by busy shards"
+            )
+
+    def _evict_for(self, need: int) -> bool:
         """Drop idle shards, least recently used first, until `need` more bytes fit under the limit."""
         if self.memory_limit is None:
-            return
+            return True
         idle = sorted((h.last_used, k) for k, h in self._held.items() if h.users == 0)
         while self.held_bytes() + need > self.memory_limit and idle:
             _, key = idle.pop(0)
             log.info("evicting idle shard %s layers [%d, %d) to make room", *key)
             self._held.pop(key).shard.close()
-        if self.held_bytes() + need > self.memory_limit:
-            raise EngineError(
-                f"no memory for {need} more bytes of layers: {self.held_bytes()} of {self.memory_limit} held by busy shards"
-            )
+        return self.held_bytes() + need <= self.memory_limit
