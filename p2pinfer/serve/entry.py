@@ -18,6 +18,7 @@ import trio
 
 from p2pinfer.cluster.record import PeerRecord
 from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, elect_ring, repair_ring
+from p2pinfer.cluster.routing import RouteInputs, route
 from p2pinfer.engine import ModelCatalog, ModelEntry
 from p2pinfer.engine.sampling import PENALTY_LAST_N
 from p2pinfer.serve import protocol as P
@@ -58,6 +59,7 @@ class Generation:
     sampling: dict  # protocol.SAMPLING_KEYS but "recent" (the entry adds it per ring)
     stop_ids: tuple[int, ...]
     request_id: str = ""  # the API's id, so /v1/requests and metrics can follow the ring
+    routing: str = "memory"  # cluster/routing.py policy the ring is elected by
 
 
 @dataclass
@@ -105,32 +107,39 @@ class EntryService:
         self.active = 0
         self.rings: dict[str, list[RingMember]] = {}  # request id -> its current ring, for /v1/cluster
         self.on_ring: Callable[[str, list[RingMember], int], None] = lambda rid, ring, attempt: None
+        # measured RTTs and tok/s for the routing policies (set by the orchestration layer)
+        self.routing_inputs: Callable[[], RouteInputs | None] = lambda: None
 
-    def elect(self, entry: ModelEntry, exclude: frozenset[str] = frozenset()) -> list[RingMember]:
+    def elect(self, entry: ModelEntry, exclude: frozenset[str] = frozenset(),
+              routing: str = "memory") -> list[RingMember]:  # fmt: skip
         try:
+            if routing != "memory":
+                return route(routing, candidates_for(self.records(), entry), model_needs(entry), exclude=exclude,
+                             inputs=self.routing_inputs())  # fmt: skip
             return elect_ring(candidates_for(self.records(), entry), model_needs(entry), exclude=exclude)
         except ClusterTooSmall as e:
             raise RequestError(503, str(e), retry_after=5) from e
 
     def replacement_ring(self, entry: ModelEntry, previous: list[RingMember], failed: set[str],
-                         lost: str) -> list[RingMember]:  # fmt: skip
+                         lost: str, routing: str = "memory") -> list[RingMember]:  # fmt: skip
         """The ring to replay on after `lost` failed: `previous` with only the lost range moved to a
         spare when that fits (survivors keep their warm shards), else a new election."""
         repaired = repair_ring(candidates_for(self.records(), entry), model_needs(entry), previous,
                                frozenset({lost}), exclude=frozenset(failed))  # fmt: skip
-        return repaired if repaired is not None else self.elect_avoiding(entry, failed)
+        return repaired if repaired is not None else self.elect_avoiding(entry, failed, routing)
 
-    def elect_avoiding(self, entry: ModelEntry, failed: set[str]) -> list[RingMember]:
+    def elect_avoiding(self, entry: ModelEntry, failed: set[str],
+                       routing: str = "memory") -> list[RingMember]:  # fmt: skip
         """A ring without the members that failed this request; if none fits without them, take back
         those still alive in the view (a broken stream is not a dead peer) before giving up."""
         try:
-            return self.elect(entry, frozenset(failed))
+            return self.elect(entry, frozenset(failed), routing)
         except RequestError:
             alive = {r.peer_id for r in self.records()}
             if not failed & alive:
                 raise
             log.info("no ring fits without %d failed member(s); retrying those still alive", len(failed))
-            return self.elect(entry, frozenset(failed - alive))
+            return self.elect(entry, frozenset(failed - alive), routing)
 
     @asynccontextmanager
     async def generate(self, gen: Generation) -> AsyncIterator[trio.MemoryReceiveChannel]:
@@ -138,7 +147,7 @@ class EntryService:
         if self.active >= self.max_requests:
             raise RequestError(429, f"this peer is serving {self.active} requests, its limit", retry_after=1)
         entry = self.catalog.get(gen.model)
-        self.elect(entry)  # fail fast with 503 before any streaming starts
+        self.elect(entry, routing=gen.routing)  # fail fast with 503 before any streaming starts
         tx, rx = trio.open_memory_channel[Event](1024)
         self.active += 1
         rid = gen.request_id or uuid.uuid4().hex
@@ -171,9 +180,9 @@ class EntryService:
             for attempt in range(MAX_REPLAYS + 1):
                 try:
                     if lost:
-                        ring = self.replacement_ring(entry, ring, excluded, lost)
+                        ring = self.replacement_ring(entry, ring, excluded, lost, gen.routing)
                     else:
-                        ring = self.elect_avoiding(entry, excluded)
+                        ring = self.elect_avoiding(entry, excluded, gen.routing)
                     self.rings[rid] = ring
                     self.on_ring(rid, ring, attempt)
                     if attempt:
