@@ -26,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from p2pinfer.api.app import openai_error
 from p2pinfer.api.metrics import Metrics
+from p2pinfer.cluster.routing import POLICIES
 from p2pinfer.engine import EngineError, ModelCatalog, Tokenizer, UnknownModelError
 from p2pinfer.engine.generation_defaults import model_recommended, sampling_defaults
 from p2pinfer.engine.sampling import MAX_TOP_LOGPROBS
@@ -90,6 +91,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     logprobs: int | None = None  # None: no logprobs; n: the chosen token's and the n most likely
+    routing: str = "memory"  # the ring's routing policy (cluster/routing.py)
 
 
 @dataclass
@@ -161,6 +163,7 @@ class OpenAIRoutes:
         self._tokenizer_lock = trio.Lock()
         self.active: dict[str, Tracked] = {}
         self.recent: deque[Tracked] = deque(maxlen=RECENT_REQUESTS)
+        self.default_routing = "memory"  # --routing
         entry.on_ring = self._on_ring
 
     def routes(self) -> list[Route]:
@@ -300,7 +303,20 @@ class OpenAIRoutes:
         elif max_new > room:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_new}) exceed {model}'s context of {ctx}",
                              "max_tokens", "context_length_exceeded")  # fmt: skip
-        return Parsed(model, prompt, max_new, sampling, stops, stream, bool(opts.get("include_usage")), logprobs)
+        return Parsed(model, prompt, max_new, sampling, stops, stream, bool(opts.get("include_usage")), logprobs,
+                      self._routing(body))  # fmt: skip
+
+    def _routing(self, body: dict) -> str:
+        """The body's `"p2pinfer": {"routing": POLICY}` extension, else --routing."""
+        ext = body.get("p2pinfer")
+        if ext is None:
+            return self.default_routing
+        if not isinstance(ext, dict):
+            raise BadRequest("'p2pinfer' must be an object", "p2pinfer")
+        routing = ext.get("routing", self.default_routing)
+        if routing not in POLICIES:
+            raise BadRequest(f"'p2pinfer.routing' must be one of {', '.join(POLICIES)}", "p2pinfer.routing")
+        return routing
 
     async def chat(self, request: Request) -> Response:
         try:
@@ -411,7 +427,7 @@ class Completion(Response):
         p, routes, metrics = self.p, self.routes, self.routes.metrics
         tokenizer = await routes.tokenizer(p.model)
         eos = tuple(tokenizer.eos_token_ids)
-        gen = Generation(p.model, p.prompt, p.max_new, p.sampling, eos, request_id=self.id)
+        gen = Generation(p.model, p.prompt, p.max_new, p.sampling, eos, request_id=self.id, routing=p.routing)
         decoder, stops = tokenizer.decoder(), StopMatcher(p.stops)
         started = False
         text_parts: list[str] = []
