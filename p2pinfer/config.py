@@ -55,6 +55,7 @@ class Settings:
     compute: bool = True
     models_dirs: list[Path] = field(default_factory=list)
     model: str = DEFAULT_MODEL
+    routing: str = "memory"  # default routing policy of a request (cluster/routing.py)
     max_requests: int = 8
     threads: int | None = None  # cores the engine's kernels use (default: every core this process may use)
     warm: bool = True  # load and warm the default model at start when it fits here alone
@@ -83,6 +84,10 @@ class Settings:
             raise ConfigError("--max-requests must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("--threads must be at least 1")
+        from p2pinfer.cluster.routing import POLICIES
+
+        if self.routing not in POLICIES:
+            raise ConfigError(f"--routing {self.routing!r} is not one of {', '.join(POLICIES)}")
 
 
 _PATHS = {"data_dir", "api_key_file", "cluster_secret_file"}
