@@ -51,6 +51,8 @@ def _run_parser(sub) -> None:
         help="directory scanned for GGUF files and HF model directories, repeatable",
     )
     p.add_argument("--model", help="default model (default smollm2-135m)")
+    p.add_argument("--routing", help="default routing policy: memory, least-loaded, latency or fastest "
+                   "(a request may name its own in \"p2pinfer\": {\"routing\": ...}; default memory)")  # fmt: skip
     p.add_argument("--max-requests", type=int, help="requests served at once before 429 (default 8)")
     p.add_argument("--threads", type=int, help="cores the engine's kernels use (default: all)")
     p.add_argument("--no-warm", dest="warm", action="store_false",
