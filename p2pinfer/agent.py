@@ -219,6 +219,7 @@ class Agent:
             "layers": self.shards.layers(),
             "loading": self.shards.loading(),
             "active_requests": self.member.active_requests,
+            "draining": self._stopping,
         }
 
     # --- what the HTTP app asks --------------------------------------------
@@ -238,7 +239,7 @@ class Agent:
         return hosts
 
     def status(self) -> str:
-        return "stopping" if self._stopping else "ok"
+        return "draining" if self._stopping else "ok"
 
     def cluster_snapshot(self) -> dict:
         rings = {rid: [[m.peer_id, m.start, m.end] for m in ring] for rid, ring in self.entry.rings.items()}
@@ -281,13 +282,33 @@ class Agent:
             self.dialer.want(info, "mdns")
 
     async def _watch_signals(self, cancel: trio.CancelScope) -> None:
+        """Three-phase shutdown: stop taking work (and say so in our record), let the requests in flight
+        finish for up to --drain-timeout (a second signal cuts that short), then leave and exit."""
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("received %s: leaving the cluster", signal.Signals(signum).name)
-                self._stopping = True
-                await self.membership.leave()
-                cancel.cancel()
-                return
+            signum = await signals.__anext__()
+            timeout = self.settings.drain_timeout
+            log.info("received %s: draining (up to %.0f s; a second signal stops at once)",
+                     signal.Signals(signum).name, timeout)  # fmt: skip
+            self._stopping = self.entry.draining = self.member.draining = True
+            self.membership.poke()
+            t0 = time.monotonic()
+            with trio.move_on_after(timeout) as drain:
+                async with trio.open_nursery() as nursery:
+
+                    async def second_signal() -> None:
+                        async for again in signals:
+                            log.info("received %s again: stopping now", signal.Signals(again).name)
+                            drain.cancel()
+
+                    nursery.start_soon(second_signal)
+                    while self.entry.active or self.member.active_requests:
+                        await trio.sleep(0.1)
+                    nursery.cancel_scope.cancel()
+            left = self.entry.active + self.member.active_requests
+            log.info("drained in %.1f s%s: leaving the cluster", time.monotonic() - t0,
+                     f" ({left} request(s) cut off)" if left else "")  # fmt: skip
+            await self.membership.leave()
+            cancel.cancel()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -54,6 +54,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--routing", help="default routing policy: memory, least-loaded, latency or fastest "
                    "(a request may name its own in \"p2pinfer\": {\"routing\": ...}; default memory)")  # fmt: skip
     p.add_argument("--max-requests", type=int, help="requests served at once before 429 (default 8)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="seconds SIGTERM waits for in-flight requests before leaving (default 30)")  # fmt: skip
     p.add_argument("--threads", type=int, help="cores the engine's kernels use (default: all)")
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="do not load and warm the default model at start")  # fmt: skip

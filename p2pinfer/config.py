@@ -57,6 +57,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     routing: str = "memory"  # default routing policy of a request (cluster/routing.py)
     max_requests: int = 8
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests before leaving
     threads: int | None = None  # cores the engine's kernels use (default: every core this process may use)
     warm: bool = True  # load and warm the default model at start when it fits here alone
     log_level: str = "INFO"
@@ -80,6 +81,8 @@ class Settings:
         for o in self.cors_origins:
             if o != "*" and not re.match(r"^https?://[^/\s]+$", o):
                 raise ConfigError(f"--cors-origin {o!r} must be an origin like http://host:port (no path), or *")
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout must not be negative")
         if self.max_requests < 1:
             raise ConfigError("--max-requests must be at least 1")
         if self.threads is not None and self.threads < 1:
@@ -103,7 +106,7 @@ def _coerce(name: str, value):
         return parse_size(value) if value not in (None, "") else None
     if name == "http_port":
         return int(value)
-    if name == "peer_ttl":
+    if name in ("peer_ttl", "drain_timeout"):
         return float(value)
     if name in ("max_requests", "threads"):
         return int(value) if value not in (None, "") else None

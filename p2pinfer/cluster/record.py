@@ -61,6 +61,7 @@ class PeerRecord:
     loading: tuple[tuple[str, int, int, float], ...] = ()  # (model, start, end, progress 0..1)
     active_requests: int = 0
     leave: bool = False
+    draining: bool = False  # finishing its requests before leaving: elect no new ring with it
     extra: dict = field(default_factory=dict)  # room to grow without a wire break
 
     def to_wire(self) -> dict:

@@ -88,7 +88,7 @@ def candidates_for(records: list[PeerRecord], entry: ModelEntry) -> list[Candida
     """Peers that compute and have the model's file; layers they hold warm count as free for it."""
     out = []
     for r in records:
-        if not r.can_compute or entry.name not in r.models or r.leave:
+        if not r.can_compute or entry.name not in r.models or r.leave or r.draining:
             continue
         warm = tuple(x for x in r.layers if x[0] == entry.name)
         warm_bytes = sum(entry.shard_bytes(s, e) for _, s, e in warm if 0 <= s < e <= entry.n_layers)
@@ -104,6 +104,7 @@ class EntryService:
         self.linker = linker
         self.records = records
         self.max_requests = max_requests
+        self.draining = False  # set on SIGTERM: requests in flight finish, new ones go to other peers
         self.active = 0
         self.rings: dict[str, list[RingMember]] = {}  # request id -> its current ring, for /v1/cluster
         self.on_ring: Callable[[str, list[RingMember], int], None] = lambda rid, ring, attempt: None
@@ -144,6 +145,8 @@ class EntryService:
     @asynccontextmanager
     async def generate(self, gen: Generation) -> AsyncIterator[trio.MemoryReceiveChannel]:
         """Yield a channel of Events for `gen`; leaving the block early cancels the ring."""
+        if self.draining:
+            raise RequestError(503, "this peer is shutting down: send the request to another peer", retry_after=1)
         if self.active >= self.max_requests:
             raise RequestError(429, f"this peer is serving {self.active} requests, its limit", retry_after=1)
         entry = self.catalog.get(gen.model)

@@ -48,6 +48,7 @@ class Member:
     ) -> None:
         self.catalog = catalog
         self.can_compute = can_compute
+        self.draining = False  # set on SIGTERM: parts in flight finish, no new ones start
         self.shards = shards
         self.linker: Linker | None = None
         self.on_change = on_change
@@ -100,6 +101,9 @@ class Member:
             return
         if not self.can_compute:
             await control.send({"t": P.ERROR, "code": 503, "msg": "this peer is a gateway (--no-compute)"})
+            return
+        if self.draining:
+            await control.send({"t": P.ERROR, "code": 503, "msg": "this peer is shutting down"})
             return
         try:
             params = SamplingParams(**req.sampling, stop_token_ids=req.stop_ids)
