@@ -66,10 +66,16 @@ def test_bodies_must_be_json(agents):
         headers = {"Content-Type": ctype} if ctype else {}
         status, _, data = raw(a, "POST", "/v1/chat/completions", CHAT, headers)
         err = json.loads(data)["error"]
-        assert status == 415 and err["code"] == "unsupported_media_type" and err["message"], (ctype, status, data)
+        assert status == 415 and err["code"] == "unsupported_media_type" and err["message"], (
+            ctype,
+            status,
+            data,
+        )
     # parameters of the media type are fine; the request then reaches the route (404: unknown model)
     body = json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    status, _, data = raw(a, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json; charset=utf-8"})
+    status, _, data = raw(
+        a, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json; charset=utf-8"}
+    )
     assert status == 404, data
 
 
@@ -88,11 +94,16 @@ def test_host_header_allow_list(agents):
 
 def test_cors_only_for_listed_origins(agents):
     a, k = agents["a"], agents["k"]
-    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"}
+    pre = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization",
+    }
     status, headers, _ = raw(a, "OPTIONS", "/v1/chat/completions", headers={"Origin": GOOD_ORIGIN, **pre})
     assert status == 200 and headers.get("access-control-allow-origin") == GOOD_ORIGIN, headers
     assert "content-type" in headers.get("access-control-allow-headers", "").lower()
-    status, headers, _ = raw(a, "OPTIONS", "/v1/chat/completions", headers={"Origin": "http://evil.example", **pre})
+    status, headers, _ = raw(
+        a, "OPTIONS", "/v1/chat/completions", headers={"Origin": "http://evil.example", **pre}
+    )
     assert status >= 400 and "access-control-allow-origin" not in headers, (status, headers)
     status, headers, _ = raw(a, "GET", "/health", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in headers
@@ -107,7 +118,11 @@ def test_cors_only_for_listed_origins(agents):
     assert status == 200
     # the page itself needs no key (it asks for one)
     status, headers, page = raw(k, "GET", "/")
-    assert status == 200 and headers["content-type"].startswith("text/html") and page.lower().startswith(b"<!doctype html")
+    assert (
+        status == 200
+        and headers["content-type"].startswith("text/html")
+        and page.lower().startswith(b"<!doctype html")
+    )
 
 
 def test_cors_star_without_key_is_refused(tmp_path):
@@ -168,12 +183,16 @@ def test_logprobs_chat_and_completions(agents):
                                            top_logprobs=3, stream=True):  # fmt: skip
         if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
             streamed += chunk.choices[0].logprobs.content
-    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [
+        (t.token, round(t.logprob, 4)) for t in content
+    ]
     # no logprobs asked: none given
     r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0)
     assert r.choices[0].logprobs is None
     # completions: the legacy shape
-    r = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    r = c.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
     assert "".join(lp.tokens) == r.choices[0].text and all(len(t) == 2 for t in lp.top_logprobs)
@@ -189,11 +208,19 @@ def test_penalties_reach_the_sampler(agents):
     prompt = "one, one, one, one, one, one, one,"
 
     def greedy(**kw) -> str:
-        return c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, **kw).choices[0].text
+        return (
+            c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, **kw)
+            .choices[0]
+            .text
+        )
 
     plain = greedy()
     assert plain.count("one") >= 2, plain  # the model just repeats
-    for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 3.0}}):
+    for kw in (
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 2.0},
+        {"extra_body": {"repetition_penalty": 3.0}},
+    ):
         assert greedy(**kw).count("one") < plain.count("one"), kw
     with pytest.raises(openai.BadRequestError):
         greedy(frequency_penalty=3.0)
@@ -222,3 +249,34 @@ def test_metrics(agents):
     assert value("p2pinfer_active_requests") <= 1  # the handler may still be closing the request
     assert value("p2pinfer_http_requests", "_total", route="/v1/chat/completions", code="200") >= 1
     assert "p2pinfer_ring_replays_total" in text.decode()
+
+
+def test_delete_cancels_a_request_in_flight(agents):
+    a = agents["a"]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 2000,
+    }
+    stream = client(a).chat.completions.create(**body, stream=True)
+    rid, got = None, 0
+    with pytest.raises(openai.APIError, match="cancelled"):
+        for chunk in stream:
+            got += 1
+            if rid is None and got >= 3:
+                rid = chunk.id
+                assert json.loads(raw(a, "GET", f"/v1/requests/{rid}")[2])["state"] in (
+                    "waiting",
+                    "generating",
+                )
+                status, _, data = raw(a, "DELETE", f"/v1/requests/{rid}")
+                assert status == 200 and json.loads(data)["state"] == "cancelled"
+    assert got < 200  # ended long before max_tokens
+    item = json.loads(raw(a, "GET", f"/v1/requests/{rid}")[2])
+    assert item["state"] == "cancelled" and item["finish"] == "cancelled"
+    assert raw(a, "DELETE", f"/v1/requests/{rid}")[0] == 409  # already ended
+    assert raw(a, "DELETE", "/v1/requests/chatcmpl-nope")[0] == 404
+    # the member freed its KV session: our record shows no active request
+    wait_for(lambda: next(p for p in a.get("/v1/cluster")["peers"] if p["self"])["active_requests"] == 0, 5,
+             what="the session to be freed")  # fmt: skip
+    assert "Traceback" not in a.log()

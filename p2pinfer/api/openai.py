@@ -12,6 +12,7 @@ handler's own task, watching for the client going away, so a disconnect cancels 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections import deque
@@ -35,6 +36,14 @@ from p2pinfer.serve.entry import EntryService, Generation, RequestError
 DEFAULT_MAX_TOKENS = 1024
 MAX_STOP_SEQUENCES = 4
 RECENT_REQUESTS = 20  # finished requests /v1/requests keeps (the page shows them)
+
+
+log = logging.getLogger("p2pinfer.api")
+
+
+class RequestCancelled(RequestError):
+    def __init__(self, message: str) -> None:
+        super().__init__(409, message)
 
 
 class BadRequest(Exception):
@@ -110,13 +119,23 @@ class Tracked:
     last_token_at: float | None = None
     state: str = "waiting"  # waiting (electing, loading), generating, done, error, cancelled
     finish: str | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # DELETE /v1/requests/{id} cancels it
 
     def to_dict(self) -> dict:
         ttft = self.first_token_at - self.started if self.first_token_at else None
         tps = None
-        if self.first_token_at and self.last_token_at and self.tokens > 1 and self.last_token_at > self.first_token_at:
+        if (
+            self.first_token_at
+            and self.last_token_at
+            and self.tokens > 1
+            and self.last_token_at > self.first_token_at
+        ):
             tps = (self.tokens - 1) / (self.last_token_at - self.first_token_at)
-        end = self.last_token_at if self.state in ("done", "error", "cancelled") and self.last_token_at else None
+        end = (
+            self.last_token_at
+            if self.state in ("done", "error", "cancelled") and self.last_token_at
+            else None
+        )
         return {"id": self.id, "model": self.model, "created": int(self.created), "state": self.state,
                 "finish": self.finish, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
                 "ring": self.ring, "replays": self.replays,
@@ -172,6 +191,7 @@ class OpenAIRoutes:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/requests", self.requests, methods=["GET"]),
+            Route("/v1/requests/{rid}", self.one_request, methods=["GET", "DELETE"]),
         ]
 
     def _on_ring(self, rid: str, ring, attempt: int) -> None:
@@ -187,6 +207,28 @@ class OpenAIRoutes:
         """Requests entered at this peer: in flight, then the last finished ones (newest first)."""
         items = [t.to_dict() for t in self.active.values()] + [t.to_dict() for t in reversed(self.recent)]
         return JSONResponse({"object": "list", "data": items})
+
+    async def one_request(self, request: Request) -> JSONResponse:
+        """GET: one request entered here; DELETE: cancel it (the ring stops, every member frees its KV,
+        the client's stream ends with an error event)."""
+        rid = request.path_params["rid"]
+        track = self.active.get(rid)
+        if track is None:
+            done = next((t for t in self.recent if t.id == rid), None)
+            if done is None:
+                return openai_error(
+                    404, f"no request {rid} entered at this peer", "invalid_request_error", "not_found"
+                )
+            if request.method == "DELETE":
+                return openai_error(
+                    409, f"request {rid} already ended ({done.state})", "invalid_request_error"
+                )
+            return JSONResponse(done.to_dict())
+        if request.method == "DELETE":
+            track.scope.cancel()
+            log.info("request %s: cancelled by DELETE /v1/requests", rid)
+            return JSONResponse({**track.to_dict(), "state": "cancelled"})
+        return JSONResponse(track.to_dict())
 
     def defaults_for(self, model: str) -> dict:
         entry = self.catalog.get(model)
@@ -232,7 +274,9 @@ class OpenAIRoutes:
             raise BadRequest("request body must be a JSON object")
         return body
 
-    async def _parse_common(self, body: dict, prompt_of: Callable[[Tokenizer], list[int]], chat: bool) -> Parsed:
+    async def _parse_common(
+        self, body: dict, prompt_of: Callable[[Tokenizer], list[int]], chat: bool
+    ) -> Parsed:
         model = body.get("model") or self.default_model
         if not isinstance(model, str):
             raise BadRequest("'model' must be a string", "model")
@@ -376,7 +420,9 @@ class Completion(Response):
         self.created = int(time.time())
         self.background = None
 
-    def _chunk(self, text: str | None, finish: str | None, first: bool = False, lps: list | None = None) -> dict:
+    def _chunk(
+        self, text: str | None, finish: str | None, first: bool = False, lps: list | None = None
+    ) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             logprobs = {"content": lps, "refusal": None} if lps else None
@@ -468,32 +514,37 @@ class Completion(Response):
                 nursery.start_soon(watch_disconnect)
                 try:
                     failure = None
-                    async with routes.entry.generate(gen) as events:
-                        async for ev in events:
-                            if ev.kind == "error":
-                                failure = ev.error  # raised below, outside generate(): no exception group
-                                break
-                            if ev.kind == "done":
-                                finish = ev.reason
-                                break
-                            now = time.monotonic()
-                            if track.first_token_at is None:
-                                track.first_token_at, track.state = now, "generating"
-                                metrics.ttft.labels(p.model).observe(now - track.started)
-                            track.last_token_at, track.tokens = now, track.tokens + 1
-                            if not started and p.stream:
-                                await start_stream()
-                                started = True
-                            n_tokens += 1
-                            if p.logprobs is not None:
-                                entry = self._logprob_entry(tokenizer, ev)
-                                lp_pending.append(entry)
-                                lp_all.append(entry)
-                            text, stopped = stops.feed(decoder.feed(ev.token))
-                            await out(text)
-                            if stopped:  # leaving the block cancels the ring
-                                finish = "stop"
-                                break
+                    with track.scope:
+                        async with routes.entry.generate(gen) as events:
+                            async for ev in events:
+                                if ev.kind == "error":
+                                    failure = ev.error  # raised below, outside generate(): no exception group
+                                    break
+                                if ev.kind == "done":
+                                    finish = ev.reason
+                                    break
+                                now = time.monotonic()
+                                if track.first_token_at is None:
+                                    track.first_token_at, track.state = now, "generating"
+                                    metrics.ttft.labels(p.model).observe(now - track.started)
+                                track.last_token_at, track.tokens = now, track.tokens + 1
+                                if not started and p.stream:
+                                    await start_stream()
+                                    started = True
+                                n_tokens += 1
+                                if p.logprobs is not None:
+                                    entry = self._logprob_entry(tokenizer, ev)
+                                    lp_pending.append(entry)
+                                    lp_all.append(entry)
+                                text, stopped = stops.feed(decoder.feed(ev.token))
+                                await out(text)
+                                if stopped:  # leaving the block cancels the ring
+                                    finish = "stop"
+                                    break
+                    if track.scope.cancelled_caught:
+                        raise RequestCancelled(
+                            f"request {self.id} was cancelled (DELETE /v1/requests/{self.id})"
+                        )
                     if failure is not None:
                         raise failure
                     if not stopped:
@@ -501,7 +552,10 @@ class Completion(Response):
                 except Exception as e:
                     while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
                         e = e.exceptions[0]
-                    track.state, track.finish = "error", "error"
+                    cancelled = isinstance(e, RequestCancelled)
+                    track.state, track.finish = (
+                        ("cancelled", "cancelled") if cancelled else ("error", "error")
+                    )
                     with trio.move_on_after(5):
                         if started:  # headers are out: report in-band, as OpenAI does mid-stream
                             await _sse(send, {"error": {"message": str(e), "type": "server_error",
@@ -547,7 +601,9 @@ class Completion(Response):
             metrics.tokens.labels(p.model, "completion").inc(track.tokens)
             metrics.completions.labels(p.model, track.finish or track.state).inc()
             if track.tokens > 1 and track.last_token_at > track.first_token_at:
-                metrics.tps.labels(p.model).observe((track.tokens - 1) / (track.last_token_at - track.first_token_at))
+                metrics.tps.labels(p.model).observe(
+                    (track.tokens - 1) / (track.last_token_at - track.first_token_at)
+                )
 
 
 async def _sse(send: Send, obj: dict) -> None:
