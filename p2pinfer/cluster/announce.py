@@ -107,6 +107,7 @@ class Announcer:
         self._wants: dict[str, float] = {}  # peer -> when to ask for its full record
         self._asked: dict[str, float] = {}  # peer -> when someone (we or another peer) last asked
         self.leaving = False
+        self.extra: dict = {}  # merged into the record's `extra` (orchestrate/measure.py: rtt, tps)
 
     # --- our side ---------------------------------------------------------------------------
     def poke(self) -> None:
@@ -143,6 +144,8 @@ class Announcer:
 
     def _ours(self, now: float) -> list[bytes]:
         desc = self.describe()
+        if self.extra:
+            desc = {**desc, "extra": {**desc.get("extra", {}), **self.extra}}
         stable = {k: v for k, v in desc.items() if k not in VOLATILE}
         volatile = tuple(desc.get(k, 0) for k in VOLATILE)
         full = self._full_wanted or stable != self._published_stable or now >= self._last_full + FULL_INTERVAL
