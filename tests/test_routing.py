@@ -51,6 +51,12 @@ def test_least_loaded_beats_warm():
     assert ids(route("least-loaded", cands, model())) == ["b"]
 
 
+def test_least_loaded_counts_the_entrys_own_rings():
+    cands = [peer("a", 100, load=1), peer("b", 100, load=1)]
+    assert ids(route("least-loaded", cands, model())) == ["a"]
+    assert ids(route("least-loaded", cands, model(), inputs=RouteInputs("x", pending={"a": 1}))) == ["b"]
+
+
 def test_latency_prefers_the_entry_then_nearest():
     cands = [peer("a", 100), peer("b", 100), peer("e", 100)]
     inp = RouteInputs("e", rtts({"e-a": 5.0, "e-b": 1.0}))
@@ -124,7 +130,8 @@ def scenario(draw):
             if draw(st.booleans()):
                 rtt[(a, b)] = float(draw(st.integers(1, 50)))
     tps = {c: float(draw(st.integers(1, 30))) for c in names if draw(st.booleans())}
-    return cands, m, RouteInputs(entry, rtt, tps)
+    pending = {c: draw(st.integers(0, 2)) for c in names if draw(st.booleans())}
+    return cands, m, RouteInputs(entry, rtt, tps, pending)
 
 
 @settings(max_examples=300, deadline=None)

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from p2pinfer import __version__
 from p2pinfer.api.metrics import CountRequests, Metrics
-from p2pinfer.api.security import HostGuard, JsonBodyGuard
+from p2pinfer.api.security import HostGuard
 
 PUBLIC_PATHS = {"/", "/favicon.ico"}  # the page asks for the key itself and sends it with every call
 
@@ -114,6 +114,10 @@ def build_app(
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         return openai_error(500, f"internal error: {type(exc).__name__}", "server_error")
 
+    # imported here: it builds on the OpenAI routes, which import this module
+    from p2pinfer.api.orchestrate import JsonOrUploadGuard, orchestration_for
+
+    orchestration = orchestration_for(agent)  # fan-out, chains, tasks, files + batches
     routes = [
         Route("/", index),
         Route("/favicon.ico", favicon),
@@ -121,17 +125,29 @@ def build_app(
         Route("/health", health),
         Route("/v1/cluster", cluster),
         *extra_routes,
+        *(orchestration.routes_list() if orchestration is not None else []),
     ]
     return Starlette(
         routes=routes,
         middleware=[
             Middleware(HostGuard, own_hosts=own_hosts, allowed=list(allowed_hosts), error=openai_error),
             Middleware(CountRequests, metrics=metrics),
-            *([Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                          allow_headers=["Authorization", "Content-Type"], max_age=600)]
-              if cors_origins else []),
+            *(
+                [
+                    Middleware(
+                        CORSMiddleware,
+                        allow_origins=list(cors_origins),
+                        allow_methods=["GET", "POST"],
+                        allow_headers=["Authorization", "Content-Type"],
+                        max_age=600,
+                    )
+                ]
+                if cors_origins
+                else []
+            ),
             Middleware(ApiKeyMiddleware, api_key=api_key),
-            Middleware(JsonBodyGuard, error=openai_error),
+            Middleware(JsonOrUploadGuard, error=openai_error),  # JsonBodyGuard + batch file uploads
         ],  # fmt: skip
         exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=orchestration.lifespan if orchestration is not None else None,
     )

@@ -9,8 +9,9 @@ model) and every ring it returns is valid under ring.py's cost model; the polici
 
 - ``memory`` (default): ring.py's election unchanged -- warm shards first, then lower load, then
   higher compute score, then peer id; layers in proportion to memory.
-- ``least-loaded``: lowest load first (active ring sessions the peer reports in its heartbeats),
-  then higher compute score, then warm, then peer id.
+- ``least-loaded``: lowest load first (active ring sessions the peer reports in its heartbeats, plus
+  the rings this entry has on it now: `RouteInputs.pending`), then higher compute score, then warm,
+  then peer id. (The "queue" of a peer is not in its record; the entry's own rings stand in for it.)
 - ``latency``: lowest measured round trip from the entry peer first (the entry itself counts 0 ms,
   a peer never measured counts UNKNOWN_RTT_MS), then lower load, warm, id. A ring of several peers is
   then ordered (up to MAX_PERMUTED members; beyond that the election's order stays) to minimise the
@@ -62,6 +63,12 @@ class RouteInputs:
         default_factory=dict
     )  # (a, b) -> round trip ms, either order
     tps: Mapping[str, float] = field(default_factory=dict)  # peer -> observed decode tokens/s
+    pending: Mapping[str, int] = field(default_factory=dict)  # peer -> rings this entry has on it now
+
+    def load(self, c: Candidate) -> int:
+        """The peer's reported load plus this entry's own rings on it (heartbeats lag a few hundred ms:
+        without these, requests started together would all see the same least-loaded peer)."""
+        return c.load + self.pending.get(c.peer_id, 0)
 
     def rtt_ms(self, a: str, b: str) -> float:
         if a == b:
@@ -96,12 +103,12 @@ def policy_keys(policy: str, candidates: Sequence[Candidate], model: ModelNeeds,
     if policy == "memory":
         return {c.peer_id: (not warm(c), c.load, -c.compute, c.peer_id) for c in candidates}
     if policy == "least-loaded":
-        return {c.peer_id: (c.load, -c.compute, not warm(c), c.peer_id) for c in candidates}
+        return {c.peer_id: (inputs.load(c), -c.compute, not warm(c), c.peer_id) for c in candidates}
     if policy == "latency":
-        return {c.peer_id: (inputs.rtt_ms(inputs.self_id, c.peer_id), c.load, not warm(c), c.peer_id)
+        return {c.peer_id: (inputs.rtt_ms(inputs.self_id, c.peer_id), inputs.load(c), not warm(c), c.peer_id)
                 for c in candidates}  # fmt: skip
     speeds = inputs.speeds(candidates)
-    return {c.peer_id: (-speeds[c.peer_id], c.load, not warm(c), c.peer_id) for c in candidates}
+    return {c.peer_id: (-speeds[c.peer_id], inputs.load(c), not warm(c), c.peer_id) for c in candidates}
 
 
 def route(
@@ -168,6 +175,7 @@ def inputs_from_records(
     self_id: str,
     local_rtt: Mapping[str, float] = {},  # noqa: B006 (read only)
     local_tps: Mapping[str, float] = {},  # noqa: B006
+    pending: Mapping[str, int] = {},  # noqa: B006
 ) -> RouteInputs:
     """Merge what every record reports (extra.rtt, extra.tps) with the entry's own measurements.
 
@@ -192,7 +200,7 @@ def inputs_from_records(
     for peer, v in _number_map(dict(local_tps)).items():
         reports.setdefault(peer, []).append(v)
     tps = {p: sum(v) / len(v) for p, v in reports.items() if v}
-    return RouteInputs(self_id, rtt, tps)
+    return RouteInputs(self_id, rtt, tps, dict(pending))
 
 
 def describe_inputs(candidates: Sequence[Candidate], model: ModelNeeds, inputs: RouteInputs) -> list[dict]:
@@ -203,6 +211,7 @@ def describe_inputs(candidates: Sequence[Candidate], model: ModelNeeds, inputs: 
             "peer_id": c.peer_id,
             "memory_free": c.memory_free,
             "load": c.load,
+            "pending": inputs.pending.get(c.peer_id, 0),
             "compute": c.compute,
             "warm": any(h[0] == model.name for h in c.held),
             "rtt_ms": None if c.peer_id not in (inputs.self_id,) and inputs.rtt_ms(inputs.self_id, c.peer_id)

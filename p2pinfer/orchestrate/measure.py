@@ -1,0 +1,130 @@
+"""What the measured routing policies need, measured at this peer and published in its record.
+
+- Link RTT: every PROBE_INTERVAL this peer pings each connected peer in its view over libp2p's ping
+  protocol (one stream, PINGS round trips, timed here with perf_counter: the library reports whole
+  milliseconds, 0 on a LAN) and keeps the lowest, smoothed (EWMA).
+- Tokens/s: requests entered here that finished (the OpenAI routes' recent list) give the decode
+  rate of their ring; every member of the ring is credited with it (a ring is as fast as its
+  slowest member, so a fast peer seen only in slow rings is underrated until it serves alone).
+
+Both go into this peer's record as ``extra.rtt`` / ``extra.tps`` ({peer id: value}, the nearest /
+most recent MAX_REPORTED), rounded so a tiny change is no reason for a new full record, and are
+given to the entry's routing policies together with what the other records say
+(cluster/routing.py `inputs_from_records`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import trio
+
+from p2pinfer.cluster.routing import MAX_REPORTED, RouteInputs, inputs_from_records
+
+log = logging.getLogger("p2pinfer.measure")
+
+PROBE_INTERVAL = 5.0
+PROBE_TIMEOUT = 2.0
+PINGS = 3
+EWMA = 0.3  # weight of a new sample
+PUBLISH_INTERVAL = 15.0
+
+
+def _smooth(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA) * old + EWMA * new
+
+
+def _quantise_ms(ms: float) -> float:
+    """Two significant digits (0.1 ms at least): RTTs jitter, a record should not."""
+    if ms < 1:
+        return round(max(ms, 0.1), 1)
+    return float(f"{ms:.2g}")
+
+
+class Measurements:
+    def __init__(self, self_id: str) -> None:
+        self.self_id = self_id
+        self.rtt: dict[str, float] = {}  # peer -> ms
+        self.tps: dict[str, float] = {}  # peer -> tokens/s
+        self._seen: set[str] = set()  # request ids already counted
+
+    def observe_requests(self, tracked) -> None:
+        """Credit each finished request's ring members with its decode rate (once per request)."""
+        for t in tracked:
+            if t.id in self._seen or t.state != "done":
+                continue
+            self._seen.add(t.id)
+            d = t.to_dict()
+            rate = d.get("tokens_per_second")
+            if rate and t.ring:
+                for peer, *_ in t.ring:
+                    self.tps[peer] = _smooth(self.tps.get(peer), float(rate))
+        if len(self._seen) > 4096:
+            self._seen = {t.id for t in tracked}
+
+    def observe_rtt(self, peer: str, ms: float) -> None:
+        self.rtt[peer] = _smooth(self.rtt.get(peer), ms)
+
+    def published(self) -> dict:
+        """What goes into this peer's record (extra)."""
+        rtt = dict(sorted(self.rtt.items(), key=lambda kv: kv[1])[:MAX_REPORTED])
+        tps = dict(list(self.tps.items())[-MAX_REPORTED:])
+        return {"rtt": {p: _quantise_ms(v) for p, v in rtt.items()},
+                "tps": {p: round(v, 1) for p, v in tps.items()}}  # fmt: skip
+
+    def inputs(self, records, pending: dict[str, int]) -> RouteInputs:
+        return inputs_from_records(records, self.self_id, self.rtt, self.tps, pending)
+
+
+async def ping_ms(host, peer_id: str) -> float:
+    """The lowest of PINGS round trips on one ping stream, in ms."""
+    from libp2p.host.ping import ID as PING
+    from libp2p.host.ping import PING_LENGTH
+    from libp2p.io.utils import read_exactly
+    from libp2p.peer.id import ID
+
+    stream = await host.new_stream(ID.from_base58(peer_id), [PING])
+    try:
+        best = float("inf")
+        for _ in range(PINGS):
+            payload = secrets.token_bytes(PING_LENGTH)
+            t0 = time.perf_counter()
+            await stream.write(payload)
+            pong = await read_exactly(stream, PING_LENGTH)
+            ms = (time.perf_counter() - t0) * 1000
+            if pong != payload:
+                raise ValueError("ping payload mismatch")
+            best = min(best, ms)
+        return best
+    finally:
+        with trio.move_on_after(1):
+            try:
+                await stream.close()
+            except Exception:
+                pass
+
+
+async def run_probes(measure: Measurements, host, peers, recent, publish) -> None:
+    """Forever: ping `peers()` (connected peers in the view), fold `recent()` requests' rates in, and
+    `publish(extra)` every PUBLISH_INTERVAL."""
+    last_publish = -1e9
+    while True:
+        async with trio.open_nursery() as nursery:
+            for peer in peers():
+
+                async def probe(p=peer) -> None:
+                    try:
+                        with trio.fail_after(PROBE_TIMEOUT):
+                            measure.observe_rtt(p, await ping_ms(host, p))
+                    except Exception as e:  # a peer going away mid-ping is routine
+                        log.debug("rtt probe of %s failed: %s: %s", p, type(e).__name__, e)
+
+                nursery.start_soon(probe)
+        measure.observe_requests(list(recent()))
+        now = time.monotonic()
+        if now - last_publish >= PUBLISH_INTERVAL:
+            last_publish = now
+            publish(measure.published())
+        await trio.sleep(PROBE_INTERVAL)

@@ -1,0 +1,172 @@
+"""One part of an orchestration: an OpenAI-shaped body run to the end on a ring, as a Result.
+
+The body is parsed by the OpenAI routes' own parser (defaults, chat template, stop strings, the
+routing extension), the tokens come from EntryService.generate, and the part shows in /v1/requests
+like any request, with the task and part it belongs to.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from p2pinfer.api.openai import BadRequest, OpenAIRoutes, Parsed, StopMatcher, Tracked, _message_text
+from p2pinfer.serve.entry import Generation, RequestError
+
+RETRYABLE = {429, 500, 502, 503, 504}  # another try (a fresh election) may do
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+@dataclass
+class PartTracked(Tracked):
+    task: str = ""
+    part: str = ""
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "task": self.task, "part": self.part}
+
+
+@dataclass
+class Result:
+    id: str
+    model: str
+    chat: bool
+    text: str
+    finish: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+    ring: list = field(default_factory=list)
+    ttft: float | None = None
+    elapsed: float = 0.0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
+
+    def openai_body(self) -> dict:
+        """The non-streaming chat.completion / text_completion body (logprobs are not carried)."""
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": self.text}, "logprobs": None,
+                      "finish_reason": self.finish}  # fmt: skip
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.finish}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage()}  # fmt: skip
+
+
+def chat_messages(messages: object) -> list[dict]:
+    """Validated chat messages, as the chat route checks them."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", "messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise BadRequest(
+                "each message needs a role of system, user, assistant, developer or tool", "messages"
+            )
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _message_text(m.get("content"))})
+    return out
+
+
+class Runner:
+    def __init__(self, routes: OpenAIRoutes) -> None:
+        self.routes = routes
+        self.entry = routes.entry
+
+    async def parse(self, body: dict, chat: bool) -> Parsed:
+        """Parse a chat or completions body; BadRequest / UnknownModelError as the OpenAI routes raise."""
+        if not isinstance(body, dict):
+            raise BadRequest("a request body must be a JSON object")
+        body = {**body, "stream": False}
+        if chat:
+            msgs = chat_messages(body.get("messages"))
+            return await self.routes._parse_common(body, lambda tok: tok.render_chat(msgs), chat=True)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string", "prompt")
+        return await self.routes._parse_common(body, lambda tok: tok.encode(prompt), chat=False)
+
+    async def run(
+        self,
+        p: Parsed,
+        chat: bool,
+        *,
+        task: str = "",
+        part: str = "",
+        on_text: Callable[[str], Awaitable[None]] | None = None,
+        want_logprobs: bool = False,
+        on_track: Callable[[PartTracked], None] | None = None,
+    ) -> Result:
+        """Generate to the end; RequestError when the request fails (the part is tracked either way)."""
+        routes = self.routes
+        tokenizer = await routes.tokenizer(p.model)
+        sampling = dict(p.sampling)
+        if want_logprobs and sampling.get("logprobs") is None:
+            sampling["logprobs"] = 0  # the chosen token's logprob only
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        gen = Generation(p.model, p.prompt, p.max_new, sampling, tuple(tokenizer.eos_token_ids), request_id=rid,
+                         routing=p.routing)  # fmt: skip
+        decoder, stops = tokenizer.decoder(), StopMatcher(p.stops)
+        track = PartTracked(rid, p.model, len(p.prompt), task=task, part=part)
+        routes.active[rid] = track
+        if on_track is not None:
+            on_track(track)
+        parts: list[str] = []
+        lps: list[float] = []
+        finish, stopped, failure = "stop", False, None
+
+        async def out(text: str) -> None:
+            if text:
+                parts.append(text)
+                if on_text is not None:
+                    await on_text(text)
+
+        try:
+            async with self.entry.generate(gen) as events:
+                async for ev in events:
+                    if ev.kind == "error":
+                        failure = ev.error
+                        break
+                    if ev.kind == "done":
+                        finish = ev.reason
+                        break
+                    now = time.monotonic()
+                    if track.first_token_at is None:
+                        track.first_token_at, track.state = now, "generating"
+                    track.last_token_at, track.tokens = now, track.tokens + 1
+                    if ev.logprob is not None:
+                        lps.append(float(ev.logprob))
+                    text, stopped = stops.feed(decoder.feed(ev.token))
+                    await out(text)
+                    if stopped:
+                        finish = "stop"
+                        break
+            if failure is not None:
+                raise failure
+            if not stopped:
+                await out(stops.feed(decoder.flush())[0] + stops.flush())
+            track.state, track.finish = "done", finish
+        except RequestError:
+            track.state, track.finish = "error", "error"
+            raise
+        finally:
+            if track.state in ("waiting", "generating"):
+                track.state = "cancelled"
+            routes.active.pop(rid, None)
+            routes.recent.append(track)
+        d = track.to_dict()
+        return Result(rid, p.model, chat, "".join(parts), finish, len(p.prompt), track.tokens, lps, track.ring,
+                      d["ttft"], d["elapsed"])  # fmt: skip
