@@ -132,19 +132,9 @@ def build_app(
         middleware=[
             Middleware(HostGuard, own_hosts=own_hosts, allowed=list(allowed_hosts), error=openai_error),
             Middleware(CountRequests, metrics=metrics),
-            *(
-                [
-                    Middleware(
-                        CORSMiddleware,
-                        allow_origins=list(cors_origins),
-                        allow_methods=["GET", "POST"],
-                        allow_headers=["Authorization", "Content-Type"],
-                        max_age=600,
-                    )
-                ]
-                if cors_origins
-                else []
-            ),
+            *([Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type"], max_age=600)]
+              if cors_origins else []),
             Middleware(ApiKeyMiddleware, api_key=api_key),
             Middleware(JsonOrUploadGuard, error=openai_error),  # JsonBodyGuard + batch file uploads
         ],  # fmt: skip
