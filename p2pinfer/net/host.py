@@ -19,6 +19,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from p2pinfer.net import tuning
 from p2pinfer.net.admission import AdmittingNoiseTransport
 
 log = logging.getLogger("p2pinfer.net")
@@ -38,6 +39,7 @@ def connection_config() -> ConnectionConfig:
 
 
 def build_host(key_pair: KeyPair, cluster_secret: bytes, listen: list[multiaddr.Multiaddr]) -> IHost:
+    tuning.apply()  # py-libp2p performance adjustments (net/tuning.py), wire-compatible
     noise = AdmittingNoiseTransport(
         key_pair,
         noise_privkey=create_x25519_key_pair().private_key,

@@ -1,0 +1,275 @@
+"""Every py-libp2p performance adjustment we make, in one place, for the version it was written for.
+
+py-libp2p 0.8.1 moves bulk data over Noise + yamux at ~0.4x of trio TCP with ChaCha20-Poly1305 and
+adds several times its round trip (benchmarks/link.py measures both). The adjustments below change
+how this process reads, writes and acknowledges, never what goes on the wire: a peer without them
+(another py-libp2p, go-libp2p) sees valid yamux frames inside valid Noise messages, only cut and
+acknowledged differently (tests/test_net_tuning.py runs both directions against an unpatched peer).
+
+1. One yamux frame per Noise message. yamux cuts writes into 64 KiB frames (12-byte header
+   included); Noise carries at most 65,519 plaintext bytes per message, so every full frame became
+   two Noise messages (two encryptions, two length prefixes, a 17-byte tail). We cut frames at
+   65,519 bytes, header included.
+2. Window updates at half the window, not after every read, and a window big enough for that.
+   0.8.1 (RELEASE_ON_READ, on by default) sends a WINDOW_UPDATE back for every read, i.e. for every
+   ring frame: an extra encrypted write here and an extra frame to decode there, per hop. go-yamux
+   credits the sender when half the window has been consumed; so do we (PY_YAMUX_RELEASE_ON_READ=0
+   semantics, without the environment). With yamux's 256 KiB window that alone is stop-and-wait
+   between two processes (bulk fell to ~10-25 MB/s: the credit comes only after the reader caught
+   up, and 0.8.1's auto-tuning never grows the window when loopback's measured RTT is ~0.1 ms), so
+   each stream's receive window targets RECV_WINDOW from its first read on: the first window update
+   carries the extra credit, as go-yamux's auto-tuning does (any yamux peer honours it).
+3. Buffered Noise reads. 0.8.1 reads a Noise message with one receive for its 2-byte length and
+   at least one more for its body. We receive up to 256 KiB at a time into a buffer kept on the
+   raw connection (not on the reader object: the handshake and transport phases use different
+   reader objects over one connection, and bytes read ahead in one phase belong to the next).
+4. Writers woken by window updates, and patient. 0.8.1's writer, once its send window is spent, polls
+   every 10 ms for credit and gives up after 5 s (the stream is then reset at this end, and the
+   other end sees its stream end: StreamEOF). Polling caps a stream at one window per 10 ms once
+   credit comes at half windows (~13 MB/s); the 5 s limit turns a receiver that is busy for 5 s
+   (a shard loading on 2 shared cores) into a broken ring. Our writer wakes on the update itself and
+   waits up to WINDOW_WAIT_TIMEOUT; a stream or connection that closes meanwhile still ends the wait.
+   A write's chunks are also kept together (one writer per stream at a time).
+5. Reads that take what is buffered in one piece. 0.8.1's read() (no size) copies the stream's
+   buffer out in 64 KiB slices and appends each to a bytes object (quadratic: with a few MiB
+   buffered, reading them cost ~13 ms per call and bulk fell to a few MB/s) and runs the window
+   bookkeeping once per slice; ours copies once and does the bookkeeping once.
+6. No log formatting on the hot path. yamux's `_write_frame` and Noise's `read_msg` build
+   f-string debug messages (and decode the yamux header just to name its flags) on every frame,
+   whether or not DEBUG is on; ours do that only when DEBUG is enabled for their loggers.
+
+`apply()` is idempotent, patches nothing on any other py-libp2p version (it logs why), and is called
+by `net.host.build_host` unless P2PINFER_LIBP2P_TUNING=0 (the escape hatch, and how the tests run
+an unpatched peer).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import struct
+
+log = logging.getLogger("p2pinfer.net")
+
+WRITTEN_FOR = "0.8.1"
+RECV_CHUNK = 256 * 1024
+RECV_WINDOW = 4 * 1024 * 1024  # per stream; yamux allows 16 MiB
+WINDOW_WAIT_TIMEOUT = 60.0  # as long as 0.8.1 waits for the body of a DATA frame it was promised
+_applied = False
+
+
+def installed_version() -> str:
+    return importlib.metadata.version("libp2p")
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("P2PINFER_LIBP2P_TUNING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def is_applied() -> bool:
+    return _applied
+
+
+def apply() -> bool:
+    """Install the adjustments in this process; True if they are in place."""
+    global _applied
+    if _applied:
+        return True
+    if not enabled_by_env():
+        log.info("py-libp2p tuning off (P2PINFER_LIBP2P_TUNING=0)")
+        return False
+    version = installed_version()
+    if version != WRITTEN_FOR:
+        log.warning("py-libp2p %s installed; tuning written for %s left off", version, WRITTEN_FOR)
+        return False
+    _frame_fits_noise_message()
+    _window_updates_at_half_window()
+    _buffered_noise_reads()
+    _quiet_yamux_writes()
+    _window_waits_on_an_event()
+    _reads_in_one_piece()
+    _applied = True
+    return True
+
+
+def _frame_fits_noise_message() -> None:
+    from libp2p.security.noise import io as noise_io
+    from libp2p.stream_muxer.yamux import yamux
+
+    # yamux.write cuts at MAX_MESSAGE_SIZE - HEADER_SIZE payload bytes (module global, read per call)
+    yamux.MAX_MESSAGE_SIZE = noise_io.MAX_PLAINTEXT_LENGTH
+
+
+def _window_updates_at_half_window() -> None:
+    from libp2p.stream_muxer.yamux import yamux
+
+    yamux._yamux_release_on_read = lambda: False
+    original_init = yamux.YamuxStream.__init__
+
+    def __init__(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        self.target_recv_window = RECV_WINDOW
+
+    yamux.YamuxStream.__init__ = __init__
+
+
+def _buffered_noise_reads() -> None:
+    from libp2p.io.exceptions import IncompleteReadError
+    from libp2p.security.noise import io as noise_io
+
+    size_len = noise_io.SIZE_NOISE_MESSAGE_LEN
+
+    async def read_msg(self) -> bytes:
+        """One length-prefixed Noise message, from a read-ahead buffer on the raw connection."""
+        raw = self.read_write_closer
+        buf: bytearray | None = getattr(raw, "_p2pinfer_rbuf", None)
+        if buf is None:
+            buf = raw._p2pinfer_rbuf = bytearray()
+        need = size_len
+        while True:
+            if len(buf) >= size_len:
+                need = size_len + int.from_bytes(buf[:size_len], "big")
+                if len(buf) >= need:
+                    msg = bytes(buf[size_len:need])
+                    del buf[:need]
+                    return msg
+            chunk = await raw.read(max(RECV_CHUNK, need - len(buf)))
+            if not chunk:
+                got = len(buf)
+                # as 0.8.1's read_exactly: received_bytes 0 means a clean close between messages
+                raise IncompleteReadError(
+                    f"Connection closed during read operation: expected {need} bytes but received {got} bytes",
+                    expected_bytes=need,
+                    received_bytes=got,
+                )
+            buf += chunk
+
+    async def noise_read_msg(self, prefix_encoded: bool = False) -> bytes:
+        encrypted = await self.read_writer.read_msg()
+        if prefix_encoded:
+            encrypted = encrypted[len(self.prefix) :]
+        return self.decrypt(encrypted)
+
+    noise_io.NoisePacketReadWriter.read_msg = read_msg
+    noise_io.BaseNoiseMsgReadWriter.read_msg = noise_read_msg
+
+
+def _quiet_yamux_writes() -> None:
+    from libp2p.stream_muxer.yamux import yamux
+    from trio.lowlevel import checkpoint
+
+    original = yamux.Yamux._write_frame  # decodes each header only to log it
+
+    async def _write_frame(self, data: bytes) -> None:
+        if yamux.logger.isEnabledFor(logging.DEBUG):
+            return await original(self, data)
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+        await checkpoint()
+
+    yamux.Yamux._write_frame = _write_frame
+
+
+def _window_waits_on_an_event() -> None:
+    import trio
+    from libp2p.stream_muxer.exceptions import MuxedStreamError
+    from libp2p.stream_muxer.yamux import yamux
+
+    header = struct.Struct(yamux.YAMUX_HEADER_FORMAT)
+
+    def get_window(self) -> int:
+        return self.__dict__["_p2p_send_window"]
+
+    def set_window(self, value: int) -> None:
+        self.__dict__["_p2p_send_window"] = value
+        event = self.__dict__.get("_p2p_window_event")
+        if event is not None and value > 0:
+            event.set()
+
+    async def wait_for_window(self) -> None:
+        deadline = trio.current_time() + WINDOW_WAIT_TIMEOUT
+        while self.send_window <= 0 and not (self.closed or self.send_closed):
+            if self.conn.event_shutting_down.is_set():
+                raise MuxedStreamError("Connection is shutting down")
+            left = deadline - trio.current_time()
+            if left <= 0:
+                raise MuxedStreamError(
+                    f"Timed out waiting for window update after {WINDOW_WAIT_TIMEOUT:g} seconds."
+                )
+            event = self.__dict__["_p2p_window_event"] = trio.Event()
+            with trio.move_on_after(min(0.5, left)):  # closing sets no window: look again now and then
+                await event.wait()
+
+    async def write(self, data: bytes) -> None:
+        if self.send_closed:
+            raise MuxedStreamError("Stream is closed for sending")
+        lock = self.__dict__.get("_p2p_write_lock")
+        if lock is None:
+            lock = self.__dict__["_p2p_write_lock"] = trio.Lock()
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            total, sent = len(data), 0
+            while sent < total:
+                if self.send_closed:
+                    raise MuxedStreamError("Stream is closed for sending")
+                if self.closed:
+                    raise MuxedStreamError("Stream is closed")
+                window = self.send_window
+                if window <= 0:
+                    await wait_for_window(self)
+                    continue
+                n = min(window, yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE, total - sent)
+                self.send_window = window - n  # no await between reading and spending the window
+                frame = header.pack(0, yamux.TYPE_DATA, 0, self.stream_id, n) + data[sent : sent + n]
+                await self.conn._write_frame(frame)
+                sent += n
+        finally:
+            lock.release()
+
+    yamux.YamuxStream.send_window = property(get_window, set_window)
+    yamux.YamuxStream.write = write
+
+
+def _reads_in_one_piece() -> None:
+    import trio
+    from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+    from libp2p.stream_muxer.yamux import yamux
+
+    original = yamux.YamuxStream.read
+
+    async def read(self, n: int | None = -1) -> bytes:
+        """0.8.1's read(-1), less its per-64 KiB slicing: same states, same errors, same credit."""
+        if n is not None and n != -1:
+            return await original(self, n)
+        conn, sid = self.conn, self.stream_id
+        while not conn.event_shutting_down.is_set():
+            buffer = conn.stream_buffers.get(sid)
+            if buffer is None:
+                if self.reset_received:
+                    raise MuxedStreamReset("Stream was reset")
+                raise MuxedStreamEOF(
+                    "Stream buffer closed" if not self.recv_closed else "Stream is closed for receiving"
+                )
+            if buffer:
+                data = bytes(buffer)
+                buffer.clear()
+                await self._auto_tune_and_send_window_update(bytes_read=len(data))
+                if self.closed and not buffer:
+                    await conn._finalize_stream(self, fully_closed=True)
+                return data
+            if self.reset_received:
+                raise MuxedStreamReset("Stream was reset")
+            if self.recv_closed:
+                raise MuxedStreamEOF("Stream is closed for receiving")
+            try:
+                await conn.stream_events[sid].wait()
+                conn.stream_events[sid] = trio.Event()
+            except KeyError:
+                raise MuxedStreamEOF("Stream was removed during read") from None
+        raise MuxedStreamEOF("Connection shut down")
+
+    yamux.YamuxStream.read = read
