@@ -33,6 +33,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from tinygrad import Device, Tensor, dtypes
 
+from . import native
 from .errors import ModelFileError, UnsupportedModelError
 
 Q = GGMLQuantizationType
@@ -358,6 +359,7 @@ def qlinear(x: Tensor, w: QTensor) -> Tensor:
 
 
 USE_CUSTOM_KERNEL = True
+USE_NATIVE = True  # T=1 Q4_0/Q4_1/Q8_0: hand-written C bodies (native.py)
 _KERNELS: dict = {}
 
 
@@ -394,7 +396,15 @@ def _build_kernel(w: QTensor, t: int):
     k.convert_loop_to_global()
     opts = _kernel_opts(k, t, _unroll_count(w), _t_upcast(w))
     # the opts were just applied to the same preprocessed AST apply_opts will see, so they apply at compile time too
-    return ast.replace(arg=KernelInfo(name=ast.arg.name, opts_to_apply=tuple(opts))), slots
+    ast = ast.replace(arg=KernelInfo(name=ast.arg.name, opts_to_apply=tuple(opts)))
+    if USE_NATIVE and native.supported(w.ggml_type, *w.shape, t):
+        try:  # the same kernel (signature, slices) with a hand-written C body: see native.py
+            return native.program_for(ast, ren, w.ggml_type, *w.shape, slots), slots
+        except Exception as e:  # no clang, or tinygrad internals changed: keep tinygrad's kernel
+            import warnings
+
+            warnings.warn(f"qlinear: native kernel unavailable ({e!r}); using tinygrad's", stacklevel=2)
+    return ast, slots
 
 
 def _preprocess(ast):

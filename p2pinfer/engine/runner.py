@@ -246,12 +246,15 @@ class StepTemplate:
         self.ret = captured.ret
         self._jit = jit  # keeps the captured intermediates' memory alive
         rows: list[np.ndarray] = []
+        self.names: list[str] = []  # kernel function names, one per row (profiling)
         self.slot_words: dict[int, list[int]] = {}  # input slot -> word indices (within these rows)
         self.var_words: dict[str, list[int]] = {}
         for call in captured.linear.src:
             ast = call.src[0]
             if ast.op is not Ops.PROGRAM:
-                raise NotImplementedError(f"captured step holds a {ast.op} call; only kernels can be replayed")
+                raise NotImplementedError(
+                    f"captured step holds a {ast.op} call; only kernels can be replayed"
+                )
             info = ast.arg
             if not all_int(info.global_size):
                 raise NotImplementedError(f"kernel {info.function_name} has a symbolic launch size")
@@ -280,6 +283,7 @@ class StepTemplate:
             row[3] = int(info.global_size[0]) if core is not None else 1
             row[4 : 4 + len(words)] = words
             rows.append(row)
+            self.names.append(info.function_name)
         self.rows = np.stack(rows)
 
 
@@ -340,6 +344,20 @@ class KernelPlan:
         idx = self._var_index.get(name)
         if idx is not None:
             self._flat[idx] = value
+
+    def profile(self, reps: int = 5) -> list[tuple[str, float]]:
+        """(kernel name, best seconds over reps) per row, each row run alone on this thread (slices in turn)."""
+        import time
+
+        table = self._table()
+        names = [n for _, template in self._instances for n in template.names]
+        best = [float("inf")] * table.shape[0]
+        for _ in range(reps):
+            for i in range(table.shape[0]):
+                t0 = time.perf_counter()
+                _python_run(table[i : i + 1])
+                best[i] = min(best[i], time.perf_counter() - t0)
+        return list(zip(names, best, strict=True))
 
     def run(self) -> None:
         table = self._table()

@@ -1,0 +1,193 @@
+"""Hand-written C bodies for the decode (T=1) matvec of the common block types, swapped into tinygrad's kernel.
+
+tinygrad's generated matvec for Q4_0/Q4_1/Q8_0 converts one byte at a time and keeps 16 scalar accumulators:
+2-9 GB/s depending on shape (measured: 5632x2048 Q4_0 ~3 GB/s, the LM head 49152x2048 ~2.3 GB/s). This module
+writes the same kernel in C with clang vector extensions (no intrinsics: the same source builds for AVX2,
+AVX-512 or NEON through `-march=native`): 16 bytes of nibbles become 32 floats in a few vector instructions,
+ROWS output rows share each load of x, and the math stays float32 (x is NOT quantised to 8 bits as llama.cpp
+does, so the result equals gguf's dequantise + matmul up to float rounding: ~1e-7 relative).
+
+How it enters tinygrad: qlinear schedules its lazy expression as before (that fixes the buffers, their order
+and the core_id slices); `program_for` renders that kernel with tinygrad's clang renderer to learn the C
+function signature, replaces the body with ours, compiles it with tinygrad's clang compiler (cached on disk by
+source) and returns a finished PROGRAM UOp that Tensor.custom_kernel accepts in place of the AST. Everything
+downstream (TinyJit capture, the native runner's kernel tables, the disk cache) sees an ordinary CPU program.
+Slice c of S computes rows [c*N/S, (c+1)*N/S): even however N divides.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from gguf import GGMLQuantizationType as Q
+
+NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
+ROWS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 1}  # output rows per iteration (x loads shared, independent chains)
+PREFETCH = 8192  # bytes ahead of the rows being read to prefetch (0: none)
+PERMUTE = True  # AVX-512 nibble -> float by table permute (see _BLOCK_AVX512); False: the portable body only
+
+_PRELUDE = r"""
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef unsigned char u8x16 __attribute__((vector_size(16)));
+typedef signed char i8x16 __attribute__((vector_size(16)));
+static inline f32x16 ldx(const float *p) { f32x16 v; __builtin_memcpy(&v, p, 64); return v; }
+static inline u8x16 ldq(const unsigned char *p) { u8x16 v; __builtin_memcpy(&v, p, 16); return v; }
+static inline i8x16 ldi(const signed char *p) { i8x16 v; __builtin_memcpy(&v, p, 16); return v; }
+static inline float hsum(f32x16 a) {
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  for (int i = 0; i < 16; i += 4) { s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3]; }
+  return (s0 + s1) + (s2 + s3);
+}
+static inline float h2f(unsigned short u) { /* exact for normals, subnormals, zeros */
+  unsigned int b = ((unsigned int)(u & 0x7FFF) << 13) | ((unsigned int)(u & 0x8000) << 16);
+  float f; __builtin_memcpy(&f, &b, 4); return f * 0x1p112f;
+}
+"""
+
+# per type: the body of one block for row j (bp: the row's block index base), using xl/xh (x of this block)
+_BLOCK = {
+    Q.Q4_0: """
+      {{ u8x16 q = ldq(qs + (bp{j} + b) * 16);
+        f32x16 lo = __builtin_convertvector((i8x16)(q & 15) - 8, f32x16);
+        f32x16 hi = __builtin_convertvector((i8x16)(q >> 4) - 8, f32x16);
+        acc{j} += d[bp{j} + b] * (lo * xl + hi * xh); }}""",
+    Q.Q4_1: """
+      {{ u8x16 q = ldq(qs + (bp{j} + b) * 16);
+        f32x16 lo = __builtin_convertvector(q & 15, f32x16);
+        f32x16 hi = __builtin_convertvector(q >> 4, f32x16);
+        acc{j} += d[bp{j} + b] * (lo * xl + hi * xh);
+        macc{j} += h2f(m[bp{j} + b]) * xs[b]; }}""",
+    Q.Q8_0: """
+      {{ const signed char *p = qs + (bp{j} + b) * 32;
+        f32x16 lo = __builtin_convertvector(ldi(p), f32x16);
+        f32x16 hi = __builtin_convertvector(ldi(p + 16), f32x16);
+        acc{j} += d[bp{j} + b] * (lo * xl + hi * xh); }}""",
+}
+
+# AVX-512: a nibble becomes its float in one permute from a 16-entry table (vpermps reads the index's low 4 bits),
+# instead of mask, widen and convert: 7 instead of 12 vector uops per block and row (~1.7x in cache)
+_BLOCK_AVX512 = {
+    Q.Q4_0: """
+      {{ __m512i qi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + (bp{j} + b) * 16)));
+        f32x16 lo = (f32x16)_mm512_permutexvar_ps(qi, tbl), hi = (f32x16)_mm512_permutexvar_ps(_mm512_srli_epi32(qi, 4), tbl);
+        acc{j} += d[bp{j} + b] * (lo * xl + hi * xh); }}""",
+}
+_BLOCK_AVX512[Q.Q4_1] = (  # F16C: the fp16 min widened by one instruction
+    _BLOCK_AVX512[Q.Q4_0].rstrip("}").rstrip() + "\n        macc{j} += _cvtsh_ss(m[bp{j} + b]) * xs[b]; }}"
+)
+_TABLE = {Q.Q4_0: -8, Q.Q4_1: 0}  # the float of nibble i is i + this
+
+_PARAM_TYPES = {
+    "_out": "float* restrict out",
+    "_x": "const float* restrict x",
+    "d": "const float* restrict d",
+    "m": "const unsigned short* restrict m",
+}
+
+
+def _params(qt, slots: list[str]) -> str:
+    qs = "const signed char* restrict qs" if qt == Q.Q8_0 else "const unsigned char* restrict qs"
+    return ", ".join(_PARAM_TYPES.get(s, qs) for s in slots) + ", const int core_id"
+
+
+def c_source(name: str, qt, n: int, k: int, slots: list[str], slices: int) -> str:
+    """C source of `name`: y[N] = W[N, K] x[K] for rows of slice core_id of `slices`."""
+    nb, rows = k // 32, ROWS[qt]
+    lines = [
+        "#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif",
+        _PRELUDE,
+        f"void {name}({_params(qt, slots)}) {{",
+    ]
+    if qt in _TABLE:
+        vals = ", ".join(f"{i + _TABLE[qt]}.0f" for i in range(16))
+        lines.append(f"#if defined(__AVX512F__)\n  const __m512 tbl = _mm512_setr_ps({vals});\n#endif")
+    lines.append(
+        f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});"
+    )
+    if qt == Q.Q4_1:  # the min's contribution is m * sum(x over the block): sums computed once per call
+        lines.append(f"  float xs[{nb}];")
+        lines.append(
+            f"  for (int b = 0; b < {nb}; b++) xs[b] = hsum(ldx(x + b * 32) + ldx(x + b * 32 + 16));"
+        )
+
+    def loop(count: int, label: str) -> None:
+        lines.append(f"  for (; r + {count} <= r1; r += {count}) {{ /* {label} */")
+        for j in range(count):
+            lines.append(f"    f32x16 acc{j} = {{0}}; const long bp{j} = (long)(r + {j}) * {nb};")
+            if qt == Q.Q4_1:
+                lines.append(f"    float macc{j} = 0.0f;")
+        lines.append(f"    for (int b = 0; b < {nb}; b++) {{")
+        if PREFETCH:
+            qb = 32 if qt == Q.Q8_0 else 16  # quant bytes per block
+            lines.append(
+                f"      __builtin_prefetch((const char *)qs + (bp0 + (long)b * {count}) * {qb} + {PREFETCH});"
+            )
+            lines.append(
+                f"      __builtin_prefetch((const char *)d + (bp0 + (long)b * {count}) * 4 + {PREFETCH // 4});"
+            )
+        lines.append("      f32x16 xl = ldx(x + b * 32), xh = ldx(x + b * 32 + 16);")
+        avx512 = PERMUTE and qt in _BLOCK_AVX512
+        if avx512:
+            lines.append("#if defined(__AVX512F__)")
+            lines.extend(_BLOCK_AVX512[qt].format(j=j) for j in range(count))
+            lines.append("#else")
+        lines.extend(_BLOCK[qt].format(j=j) for j in range(count))
+        if avx512:
+            lines.append("#endif")
+        lines.append("    }")
+        for j in range(count):
+            tail = f" + macc{j}" if qt == Q.Q4_1 else ""
+            lines.append(f"    out[r + {j}] = hsum(acc{j}){tail};")
+        lines.append("  }")
+
+    lines.append("  int r = r0;")
+    loop(rows, f"{rows} rows at a time")
+    if rows > 1:
+        loop(1, "the rest")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+_CLANG = {}
+
+
+def _clang_renderer(renderer):
+    from tinygrad.renderer.cstyle import ClangRenderer
+
+    key = renderer.target
+    if key not in _CLANG:
+        _CLANG[key] = ClangRenderer(replace(renderer.target, renderer="CLANG"))
+    return _CLANG[key]
+
+
+def supported(qt, n: int, k: int, t: int) -> bool:
+    return t == 1 and qt in NATIVE_TYPES and k % 32 == 0 and n >= 1
+
+
+def program_for(ast, renderer, qt, n: int, k: int, slots: list[str]):
+    """A compiled PROGRAM UOp running our C body with the signature tinygrad gives `ast` (a SINK with opts)."""
+    from tinygrad.codegen import to_program
+    from tinygrad.uop.ops import Ops, UOp
+
+    clang = _clang_renderer(renderer)
+    prg = to_program(ast, clang)  # tinygrad's own kernel: its signature, slices and argument order
+    info = prg.arg
+    src = prg.src[2].arg
+    m = re.search(r"void\s+(\w+)\(([^)]*)\)", src)
+    if m is None or m.group(1) != info.function_name:
+        raise RuntimeError("cannot find the kernel signature in tinygrad's source")
+    names = [p.strip().split()[-1] for p in m.group(2).split(",")]
+    if len(names) != len(slots) + (1 if info.vars else 0):
+        raise RuntimeError(f"unexpected kernel parameters {names} for slots {slots}")
+    if info.vars and (len(info.vars) != 1 or info.vars[0].expr != "core_id"):
+        raise RuntimeError(f"unexpected kernel variables {info.vars}")
+    slices = int(info.global_size[0]) if info.vars else 1
+    if not info.vars:  # one slice: still take core_id (always 0 here) so one body serves both
+        csrc = c_source(info.function_name, qt, n, k, slots, 1).replace(
+            ", const int core_id) {", ") {\n  const int core_id = 0;", 1
+        )
+    else:
+        csrc = c_source(info.function_name, qt, n, k, slots, slices)
+    binary = clang.compiler.compile_cached(csrc)
+    return prg.replace(src=(prg.src[0], prg.src[1], UOp(Ops.SOURCE, arg=csrc), UOp(Ops.BINARY, arg=binary)))
