@@ -106,13 +106,22 @@ async def ping_ms(host, peer_id: str) -> float:
                 pass
 
 
+def _peers(extra: dict) -> tuple:
+    return tuple(sorted(extra.get("rtt", {}))), tuple(sorted(extra.get("tps", {})))
+
+
 async def run_probes(measure: Measurements, host, peers, recent, publish) -> None:
     """Forever: ping `peers()` (connected peers in the view), fold `recent()` requests' rates in, and
     `publish(extra)` every PUBLISH_INTERVAL."""
-    last_publish = -1e9
+    last_publish, last = -1e9, {}
     while True:
+        targets = list(peers())
+        for gone in set(measure.rtt) - set(targets):
+            del measure.rtt[gone]
+        for gone in set(measure.tps) - set(targets) - {measure.self_id}:
+            del measure.tps[gone]
         async with trio.open_nursery() as nursery:
-            for peer in peers():
+            for peer in targets:
 
                 async def probe(p=peer) -> None:
                     try:
@@ -124,7 +133,8 @@ async def run_probes(measure: Measurements, host, peers, recent, publish) -> Non
                 nursery.start_soon(probe)
         measure.observe_requests(list(recent()))
         now = time.monotonic()
-        if now - last_publish >= PUBLISH_INTERVAL:
-            last_publish = now
-            publish(measure.published())
+        extra = measure.published()
+        if now - last_publish >= PUBLISH_INTERVAL or _peers(extra) != _peers(last):
+            last_publish, last = now, extra  # a peer measured for the first time (or gone): at once
+            publish(extra)
         await trio.sleep(PROBE_INTERVAL)
