@@ -108,21 +108,30 @@ class BatchStore:
         return self.root / f"{bid}.{kind}.jsonl"
 
     def done_ids(self, bid: str) -> tuple[set[str], int, int]:
-        """custom_ids with a result line already, and how many succeeded / failed."""
+        """custom_ids with a result line already, and how many succeeded / failed. A line cut short by
+        a crash is dropped from its file (so the next line appended starts clean) and runs again."""
         done, ok, failed = set(), 0, 0
         for kind in ("output", "errors"):
             p = self.results_path(bid, kind)
             if not p.exists():
                 continue
-            for line in p.read_text().splitlines():
+            kept = []
+            for line in p.read_text(errors="replace").splitlines():
                 try:
-                    done.add(json.loads(line)["custom_id"])
+                    cid = json.loads(line)["custom_id"]
                 except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a crash: that request runs again
+                    continue
+                if cid in done:
+                    continue
+                done.add(cid)
+                kept.append(line)
                 if kind == "output":
                     ok += 1
                 else:
                     failed += 1
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, p)
         return done, ok, failed
 
 
@@ -279,11 +288,13 @@ class BatchService:
         batch.update(status="in_progress", request_counts=counts)
         self.store.save(batch)
         task.detail = {"request_counts": counts}
-        limiter = trio.CapacityLimiter(self.concurrency)
+        slots = trio.Semaphore(self.concurrency)  # taken before a request's task starts: no task per line
 
         async def one(req: dict) -> None:
-            async with limiter:
+            try:
                 line, kind = await self._one(req, chat, task)
+            finally:
+                slots.release()
             with open(self.store.results_path(bid, kind), "a") as f:
                 f.write(json.dumps(line) + "\n")
             counts["completed" if kind == "output" else "failed"] += 1
@@ -294,6 +305,7 @@ class BatchService:
         async with trio.open_nursery() as nursery:
             for req in reqs:
                 if req["custom_id"] not in done:
+                    await slots.acquire()
                     nursery.start_soon(one, req)
         batch = self.store.batch(bid)
         if batch["status"] == "cancelling":
