@@ -316,5 +316,7 @@ def test_routing_policies_and_a_second_peer(env):
         inputs = {p["peer_id"]: p for p in view["peers"]}
         assert inputs[a.peer_id]["rtt_ms"] == 0.0 and inputs[b.peer_id]["rtt_ms"] is not None
         assert view["rings"]["latency"] == [[a.peer_id, 0, 30]]  # the entry itself: no hop at all
+        shown = {p["peer_id"]: p for p in a.get("/v1/cluster")["routing"]["peers"]}  # each peer's inputs
+        assert shown[b.peer_id]["rtt_ms"] is not None and shown[a.peer_id]["observed_tps"] > 0
     finally:
         b.stop()

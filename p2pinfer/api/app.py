@@ -105,7 +105,10 @@ def build_app(
         )
 
     async def cluster(request: Request) -> JSONResponse:
-        return JSONResponse(agent.cluster_snapshot())
+        snapshot = agent.cluster_snapshot()
+        if orchestration is not None:  # what the routing policies see of each peer
+            snapshot["routing"] = orchestration.routing_snapshot()
+        return JSONResponse(snapshot)
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"

@@ -34,8 +34,8 @@ from starlette.types import Receive, Scope, Send
 from p2pinfer.api.app import openai_error
 from p2pinfer.api.openai import BadRequest, OpenAIRoutes, _error_response
 from p2pinfer.api.security import JsonBodyGuard
-from p2pinfer.cluster.ring import ClusterTooSmall
-from p2pinfer.cluster.routing import POLICIES, describe_inputs, route
+from p2pinfer.cluster.ring import Candidate, ClusterTooSmall
+from p2pinfer.cluster.routing import POLICIES, describe_inputs, known_rtt, route
 from p2pinfer.orchestrate import batches, chains, fanout
 from p2pinfer.orchestrate.measure import Measurements, run_probes
 from p2pinfer.orchestrate.runner import Runner
@@ -156,6 +156,20 @@ class Orchestration:
             for m in ring:
                 pending[m.peer_id] = pending.get(m.peer_id, 0) + 1
         return self.measure.inputs(self.records(), pending)
+
+    def routing_snapshot(self) -> dict:
+        """Per peer, the routing policies' inputs (model-independent: warm shards are per model, see
+        /v1/p2pinfer/routing?model=NAME)."""
+        inputs = self.routing_inputs()
+        cands = [Candidate(r.peer_id, r.memory_free, r.active_requests, r.compute)
+                 for r in self.records() if r.can_compute and not r.leave]  # fmt: skip
+        speeds = inputs.speeds(cands)
+        peers = []
+        for c in sorted(cands, key=lambda c: c.peer_id):
+            peers.append({"peer_id": c.peer_id, "load": c.load, "pending": inputs.pending.get(c.peer_id, 0),
+                          "compute": c.compute, "rtt_ms": known_rtt(inputs, c.peer_id),
+                          "observed_tps": inputs.tps.get(c.peer_id), "expected_tps": round(speeds[c.peer_id], 3)})  # fmt: skip
+        return {"default": self.routes.default_routing, "policies": list(POLICIES), "peers": peers}
 
     @asynccontextmanager
     async def lifespan(self, app):

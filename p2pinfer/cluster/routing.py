@@ -203,6 +203,12 @@ def inputs_from_records(
     return RouteInputs(self_id, rtt, tps, dict(pending))
 
 
+def known_rtt(inputs: RouteInputs, peer: str) -> float | None:
+    """The entry's RTT to `peer` in ms, None when never measured."""
+    rtt = inputs.rtt_ms(inputs.self_id, peer)
+    return None if rtt == UNKNOWN_RTT_MS else round(rtt, 3)
+
+
 def describe_inputs(candidates: Sequence[Candidate], model: ModelNeeds, inputs: RouteInputs) -> list[dict]:
     """Per peer, what each policy sees (for the routing endpoint and /v1/cluster)."""
     speeds = inputs.speeds(candidates)
@@ -214,8 +220,7 @@ def describe_inputs(candidates: Sequence[Candidate], model: ModelNeeds, inputs: 
             "pending": inputs.pending.get(c.peer_id, 0),
             "compute": c.compute,
             "warm": any(h[0] == model.name for h in c.held),
-            "rtt_ms": None if c.peer_id not in (inputs.self_id,) and inputs.rtt_ms(inputs.self_id, c.peer_id)
-            == UNKNOWN_RTT_MS else inputs.rtt_ms(inputs.self_id, c.peer_id),
+            "rtt_ms": known_rtt(inputs, c.peer_id),
             "observed_tps": inputs.tps.get(c.peer_id),
             "expected_tps": round(speeds[c.peer_id], 3),
         }
