@@ -38,9 +38,18 @@ import itertools
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from p2pinfer.cluster.ring import Candidate, ModelNeeds, RingMember, _assign_layers, _caps, _valid, elect_ring
+from p2pinfer.cluster.ring import (
+    Candidate,
+    ClusterTooSmall,
+    ModelNeeds,
+    RingMember,
+    _assign_layers,
+    _caps,
+    _valid,
+    elect_ring,
+)
 
 POLICIES = ("memory", "least-loaded", "latency", "fastest")
 DEFAULT_POLICY = "memory"
@@ -64,6 +73,7 @@ class RouteInputs:
     )  # (a, b) -> round trip ms, either order
     tps: Mapping[str, float] = field(default_factory=dict)  # peer -> observed decode tokens/s
     pending: Mapping[str, int] = field(default_factory=dict)  # peer -> rings this entry has on it now
+    avoid: frozenset[str] = frozenset()  # peers to leave out when a ring fits without them (a retry)
 
     def load(self, c: Candidate) -> int:
         """The peer's reported load plus this entry's own rings on it (heartbeats lag a few hundred ms:
@@ -119,8 +129,18 @@ def route(
     exclude: frozenset[str] = frozenset(),
     inputs: RouteInputs | None = None,
 ) -> list[RingMember]:
-    """The ring for one request under `policy`; raises ClusterTooSmall like elect_ring."""
+    """The ring for one request under `policy`; raises ClusterTooSmall like elect_ring.
+
+    With `inputs.avoid` (a retry of a request whose ring failed), a ring without those peers is
+    elected when one fits -- possibly larger than the ring with them -- else one as if none were avoided.
+    """
     check_policy(policy)
+    if inputs is not None and inputs.avoid:
+        plain = replace(inputs, avoid=frozenset())
+        try:
+            return route(policy, candidates, model, exclude=exclude | inputs.avoid, inputs=plain)
+        except ClusterTooSmall:
+            return route(policy, candidates, model, exclude=exclude, inputs=plain)
     if policy == "memory":
         return elect_ring(candidates, model, exclude=exclude)
     inputs = inputs or RouteInputs()
@@ -176,6 +196,7 @@ def inputs_from_records(
     local_rtt: Mapping[str, float] = {},  # noqa: B006 (read only)
     local_tps: Mapping[str, float] = {},  # noqa: B006
     pending: Mapping[str, int] = {},  # noqa: B006
+    avoid: frozenset[str] = frozenset(),
 ) -> RouteInputs:
     """Merge what every record reports (extra.rtt, extra.tps) with the entry's own measurements.
 
@@ -200,7 +221,7 @@ def inputs_from_records(
     for peer, v in _number_map(dict(local_tps)).items():
         reports.setdefault(peer, []).append(v)
     tps = {p: sum(v) / len(v) for p, v in reports.items() if v}
-    return RouteInputs(self_id, rtt, tps, dict(pending))
+    return RouteInputs(self_id, rtt, tps, dict(pending), frozenset(avoid))
 
 
 def known_rtt(inputs: RouteInputs, peer: str) -> float | None:

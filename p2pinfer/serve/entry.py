@@ -17,7 +17,7 @@ import numpy as np
 import trio
 
 from p2pinfer.cluster.record import PeerRecord
-from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, elect_ring, repair_ring
+from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, repair_ring
 from p2pinfer.cluster.routing import RouteInputs, route
 from p2pinfer.engine import ModelCatalog, ModelEntry
 from p2pinfer.engine.sampling import PENALTY_LAST_N
@@ -114,10 +114,9 @@ class EntryService:
     def elect(self, entry: ModelEntry, exclude: frozenset[str] = frozenset(),
               routing: str = "memory") -> list[RingMember]:  # fmt: skip
         try:
-            if routing != "memory":
-                return route(routing, candidates_for(self.records(), entry), model_needs(entry), exclude=exclude,
-                             inputs=self.routing_inputs())  # fmt: skip
-            return elect_ring(candidates_for(self.records(), entry), model_needs(entry), exclude=exclude)
+            # "memory" is ring.py's election; the inputs may ask a retry to avoid a failed ring's peers
+            return route(routing, candidates_for(self.records(), entry), model_needs(entry), exclude=exclude,
+                         inputs=self.routing_inputs())  # fmt: skip
         except ClusterTooSmall as e:
             raise RequestError(503, str(e), retry_after=5) from e
 
