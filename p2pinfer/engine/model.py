@@ -11,6 +11,7 @@ import math
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 
+from . import native
 from .model_config import ModelConfig
 from .quant import QTensor, qlinear
 
@@ -89,6 +90,17 @@ def transformer_block(
     if keys.dtype != dtypes.float32:
         keys, values = keys.float(), values.float()
 
+    if T == 1 and mask is None and not isinstance(start_pos, int):  # decode: one native kernel (native.py)
+        from tinygrad.helpers import NUM_CPU_THREADS
+
+        attn = native.attention(q.reshape(H * hd), kv, start_pos, H, KV, hd, 1.0 / math.sqrt(hd),
+                                max(1, NUM_CPU_THREADS.value))  # fmt: skip
+        if attn is not None:
+            x = x + linear(attn.reshape(1, H * hd), w["o"])
+            h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
+            ff = linear(linear(h, w["gate"]).silu() * linear(h, w["up"]), w["down"])
+            return (x + ff).contiguous()
+
     # grouped-query attention without repeating K/V: query heads of a group share one KV head
     group = H // KV
     scores = (q.reshape(KV, group * T, hd) @ keys.transpose(1, 2)) * (1.0 / math.sqrt(hd))
@@ -133,7 +145,9 @@ def unflatten_layer(sig: WeightSignature, flat: list[Tensor]) -> dict[str, Tenso
         if kind is None:
             w[name], i = flat[i], i + 1
         else:
-            w[name] = QTensor(GGMLQuantizationType(kind), shape, dict(zip(parts, flat[i : i + len(parts)], strict=True)))
+            w[name] = QTensor(
+                GGMLQuantizationType(kind), shape, dict(zip(parts, flat[i : i + len(parts)], strict=True))
+            )
             i += len(parts)
     return w
 

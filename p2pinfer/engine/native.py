@@ -191,3 +191,187 @@ def program_for(ast, renderer, qt, n: int, k: int, slots: list[str]):
         csrc = c_source(info.function_name, qt, n, k, slots, slices)
     binary = clang.compiler.compile_cached(csrc)
     return prg.replace(src=(prg.src[0], prg.src[1], UOp(Ops.SOURCE, arg=csrc), UOp(Ops.BINARY, arg=binary)))
+
+
+# ---------------------------------------------------------------------- decode attention (T=1)
+_ATTN_PRELUDE = r"""
+typedef int i32x16 __attribute__((vector_size(64)));
+static inline f32x16 vexp(f32x16 x) { /* e^x for x <= 0: 2^k * e^f, |f| <= ln2/2, Taylor to f^7 (rel err < 1e-7) */
+  const f32x16 lim = (f32x16){0} - 87.0f;
+  i32x16 xb, lb, c = x < lim;
+  __builtin_memcpy(&xb, &x, 64); __builtin_memcpy(&lb, &lim, 64);
+  xb = (xb & ~c) | (lb & c); /* x = max(x, -87): 2^k stays a normal float */
+  __builtin_memcpy(&x, &xb, 64);
+  f32x16 t = x * 1.4426950408889634f - 0.5f;
+  i32x16 k = __builtin_convertvector(t, i32x16); /* toward zero: t <= 0, so round to nearest of t + 0.5 */
+  f32x16 f = x - __builtin_convertvector(k, f32x16) * 0.6931471805599453f;
+  f32x16 p = (f32x16){0} + 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f; p = p * f + 1.0f / 120.0f; p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f; p = p * f + 0.5f; p = p * f + 1.0f; p = p * f + 1.0f;
+  i32x16 e = (k + 127) << 23;
+  f32x16 s; __builtin_memcpy(&s, &e, 64);
+  return p * s;
+}
+"""
+
+
+def attention_source(name: str, params: list[str], heads: int, kv_heads: int, head_dim: int, positions: int,
+                     scale: float, slices: int) -> str:  # fmt: skip
+    """softmax(q K^T * scale) V for each query head of slice core_id, over KV positions 0..start_pos."""
+    hv, group = head_dim // 16, heads // kv_heads
+    cap = (positions + 15) // 16 * 16
+    body = f"""
+void {name}({", ".join(params)}) {{
+  const int n = start_pos + 1;
+  const int h0 = (core_id * {heads}) / {slices}, h1 = ((core_id + 1) * {heads}) / {slices};
+  float s[{cap}];
+  for (int h = h0; h < h1; h++) {{
+    const int g = h / {group};
+    const float *qh = q + h * {head_dim};
+    const float *K = kv + (long)g * {positions * head_dim}, *V = kv + (long)({kv_heads} + g) * {positions * head_dim};
+    f32x16 qv[{hv}], o[{hv}];
+    for (int i = 0; i < {hv}; i++) {{ qv[i] = ldx(qh + 16 * i) * {scale!r}f; o[i] = (f32x16){{0}}; }}
+    float mx = -3.0e38f;
+    for (int p = 0; p < n; p++) {{
+      const float *kp = K + (long)p * {head_dim};
+      f32x16 a = qv[0] * ldx(kp);
+      for (int i = 1; i < {hv}; i++) a += qv[i] * ldx(kp + 16 * i);
+      float v = hsum(a);
+      s[p] = v;
+      mx = v > mx ? v : mx;
+    }}
+    for (int p = n; p < ((n + 15) & ~15); p++) s[p] = mx;
+    float sum = 0.0f;
+    for (int p = 0; p < n; p += 16) {{
+      f32x16 e = vexp(ldx(s + p) - mx);
+      __builtin_memcpy(s + p, &e, 64);
+    }}
+    for (int p = 0; p < n; p++) sum += s[p];
+    for (int p = 0; p < n; p++) {{
+      const float *vp = V + (long)p * {head_dim};
+      const float w = s[p];
+      for (int i = 0; i < {hv}; i++) o[i] += w * ldx(vp + 16 * i);
+    }}
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < {hv}; i++) {{ f32x16 r = o[i] * inv; __builtin_memcpy(out + h * {head_dim} + 16 * i, &r, 64); }}
+  }}
+}}
+"""
+    return _PRELUDE + _ATTN_PRELUDE + body
+
+
+_ATTN: dict = {}
+
+
+def attention(q, kv, start_pos, heads: int, kv_heads: int, head_dim: int, scale: float, threads: int):
+    """Decode attention as one native kernel: q (heads*head_dim,) float32 after rotary, kv the layer's cache
+    (2, kv_heads, positions, head_dim) float32 (this token's K/V already stored), start_pos the bound position
+    variable. Returns (heads*head_dim,) float32, or None where this kernel does not apply (then the caller
+    writes attention in tinygrad)."""
+    from tinygrad import Tensor, dtypes
+
+    if head_dim % 16 or heads % kv_heads or kv.dtype != dtypes.float32 or not USE_ATTENTION:
+        return None
+    positions = kv.shape[2]
+    key = (heads, kv_heads, head_dim, positions, scale, threads, q.device)
+    if key not in _ATTN:
+        try:
+            _ATTN[key] = _attention_program(
+                q.device, start_pos, heads, kv_heads, head_dim, positions, scale, threads
+            )
+        except Exception as e:
+            import warnings
+
+            warnings.warn(f"native attention unavailable ({e!r}); using tinygrad's", stacklevel=2)
+            _ATTN[key] = None
+    built = _ATTN[key]
+    if built is None:
+        return None
+    prg, slots = built
+    srcs = {"out": Tensor.empty(heads * head_dim, dtype=dtypes.float32, device=q.device), "q": q, "kv": kv}
+    outs = Tensor.custom_kernel(*[srcs[s] for s in slots], fxn=lambda *_: prg)
+    return outs[slots.index("out")]
+
+
+USE_ATTENTION = True
+
+
+def _attention_program(device, start_pos, heads, kv_heads, head_dim, positions, scale, threads):
+    """A one-kernel tinygrad expression with the same buffers and variables (out, q, kv; start_pos, core_id),
+    scheduled and rendered for its signature; then our body compiled in its place (as program_for does)."""
+    from tinygrad import Device, Tensor, dtypes
+    from tinygrad.codegen import to_program
+    from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
+    from tinygrad.codegen.opt.postrange import Scheduler
+    from tinygrad.engine import realize
+    from tinygrad.uop.ops import AxisType, KernelInfo, Ops, UOp
+
+    from .quant import _preprocess
+
+    group = heads // kv_heads
+    qd = Tensor.empty(heads * head_dim, dtype=dtypes.float32, device=device)
+    kd = Tensor.empty(2, kv_heads, positions, head_dim, dtype=dtypes.float32, device=device)
+    one = kd[0:1, 0:1, start_pos : start_pos + 1, 0:1].reshape(1)  # reads kv at start_pos: the variable
+    y = qd.reshape(kv_heads, group, head_dim) + one.reshape(1, 1, 1).expand(kv_heads, group, head_dim)
+    y = y.reshape(heads * head_dim)
+    saved, realize.capturing[:] = list(realize.capturing), []
+    try:
+        lin, _ = y.linear_with_vars()
+    finally:
+        realize.capturing[:] = saved
+    calls = [c for c in lin.src if c.op is Ops.CALL]
+    if len(calls) != 1:
+        raise RuntimeError(f"expected one kernel, got {len(calls)}")
+    call = calls[0]
+    ast = call.src[0]
+    by_buffer = {id(qd.uop.buffer): "q", id(kd.uop.buffer): "kv", id(y.uop.buffer): "out"}
+    slots = [by_buffer[id(a.buffer)] for a in call.src[1:]]
+    if sorted(slots) != ["kv", "out", "q"]:
+        raise RuntimeError(f"unexpected kernel arguments {slots}")
+    ren = Device[device].renderer
+    k = Scheduler(_preprocess(ast), ren)
+    k.convert_loop_to_global()
+    opts = []
+    if threads > 1 and ren.has_threads:
+        for n in range(min(threads, heads), 1, -1):
+            axes = [a for a in k.axes_of(AxisType.GLOBAL, AxisType.WEAK) if k.full_shape[a] % n == 0]
+            try:
+                if axes:
+                    k.apply_opt(Opt(OptOps.THREAD, axes[0], n))
+                    opts.append(Opt(OptOps.THREAD, axes[0], n))
+                    break
+            except KernelOptError:
+                continue
+    ast = ast.replace(arg=KernelInfo(name="attn_decode", opts_to_apply=tuple(opts)))
+    clang = _clang_renderer(ren)
+    prg = to_program(ast, clang)
+    info = prg.arg
+    m = re.search(r"void\s+(\w+)\(([^)]*)\)", prg.src[2].arg)
+    if m is None or m.group(1) != info.function_name:
+        raise RuntimeError("cannot find the kernel signature in tinygrad's source")
+    var_names = {v.arg.slot: v.expr for v in info.vars}
+    params = []
+    for p in m.group(2).split(","):
+        pname = p.strip().split()[-1]
+        slot = int(re.match(r"data(\d+)_", pname).group(1))
+        if slot in var_names:
+            params.append(f"const int {var_names[slot]}")
+        else:
+            params.append(
+                ("float* restrict " if slots[slot] == "out" else "const float* restrict ") + slots[slot]
+            )
+    if sorted(var_names.values()) not in (["start_pos"], ["core_id", "start_pos"]):
+        raise RuntimeError(f"unexpected kernel variables {var_names}")
+    slices = int(info.global_size[0]) if "core_id" in var_names.values() else 1
+    if slices == 1 and "core_id" not in var_names.values():
+        params_src = ", ".join(params)
+        src = attention_source(info.function_name, params, heads, kv_heads, head_dim, positions, scale, 1)
+        src = src.replace(f"({params_src}) {{", f"({params_src}) {{\n  const int core_id = 0;", 1)
+    else:
+        src = attention_source(
+            info.function_name, params, heads, kv_heads, head_dim, positions, scale, slices
+        )
+    binary = clang.compiler.compile_cached(src)
+    return prg.replace(
+        src=(prg.src[0], prg.src[1], UOp(Ops.SOURCE, arg=src), UOp(Ops.BINARY, arg=binary))
+    ), slots
