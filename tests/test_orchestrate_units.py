@@ -4,6 +4,7 @@ batch input validation, batch resume and cancel -- with a fake runner in place o
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -95,6 +96,7 @@ class FakeRunner:
         self.script = script or {}
         self.delay = delay
         self.prompts: list[str] = []
+        self.avoided: list[tuple[str, frozenset]] = []
         self.calls = 0
 
     async def parse(self, body, chat):
@@ -102,8 +104,11 @@ class FakeRunner:
             raise BadRequest("'max_tokens' must be between 1 and 1e9", "max_tokens")
         return body
 
-    async def run(self, parsed, chat, *, task="", part="", on_track=None, **kw):
+    async def run(self, parsed, chat, *, task="", part="", on_track=None, avoid=frozenset(), **kw):
         self.calls += 1
+        self.avoided.append((part, avoid))
+        if on_track is not None:
+            on_track(SimpleNamespace(id=f"r{self.calls}", ring=[[f"peer{self.calls}", 0, 30]]))
         text = parsed.get("prompt") or parsed["messages"][-1]["content"]
         self.prompts.append(text)
         await trio.sleep(self.delay)
@@ -135,6 +140,10 @@ def test_chain_retries_a_failed_step_and_feeds_outputs(monkeypatch):
     assert out["output"] == "X IN+Y"
     assert s["c"]["started"] >= max(s["a"]["ended"], s["b"]["ended"])
     assert s["b"]["started"] < s["a"]["ended"]  # independent steps overlap
+    tries = [avoid for part, avoid in runner.avoided if part == "a"]
+    assert (
+        len(tries) == 2 and tries[0] == frozenset() and len(tries[1]) == 1
+    )  # the retry avoids the failed ring
 
 
 def test_chain_gives_up_and_skips_dependents(monkeypatch):
@@ -261,3 +270,41 @@ def test_batch_create_cancel_and_errors(tmp_path):
     assert err["custom_id"] == "bad" and err["response"]["status_code"] == 400
     c = store.batch(cancelled)
     assert c["cancelled_at"] and c["request_counts"]["completed"] < 50
+
+
+def test_a_retry_avoids_the_failed_ring_through_the_entry():
+    """AVOID set around a request reaches the entry's election in the request's own tasks."""
+    from p2pinfer.cluster.record import PeerRecord
+    from p2pinfer.cluster.routing import RouteInputs
+    from p2pinfer.engine import ModelCatalog
+    from p2pinfer.orchestrate.runner import AVOID
+    from p2pinfer.serve.entry import EntryService
+
+    catalog = ModelCatalog()
+    name = catalog.list()[0].name
+    records = [PeerRecord(p, 1, memory_free=8 << 30, compute=1.0, models=(name,)) for p in ("pa", "pb")]
+    entry = EntryService("pa", catalog, None, lambda: records, 8)
+    entry.routing_inputs = lambda: RouteInputs("pa", avoid=AVOID.get())
+    model = catalog.get(name)
+    seen = []
+
+    async def elect():
+        seen.append(entry.elect(model)[0].peer_id)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(elect)
+        token = AVOID.set(frozenset({"pa"}))
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(elect)
+        finally:
+            AVOID.reset(token)
+        token = AVOID.set(frozenset({"pa", "pb"}))  # nothing fits without them: as if none were avoided
+        try:
+            await elect()
+        finally:
+            AVOID.reset(token)
+
+    trio.run(main)
+    assert seen == ["pa", "pb", "pa"]

@@ -38,7 +38,7 @@ from p2pinfer.cluster.ring import Candidate, ClusterTooSmall
 from p2pinfer.cluster.routing import POLICIES, describe_inputs, known_rtt, route
 from p2pinfer.orchestrate import batches, chains, fanout
 from p2pinfer.orchestrate.measure import Measurements, run_probes
-from p2pinfer.orchestrate.runner import Runner
+from p2pinfer.orchestrate.runner import AVOID, Runner
 from p2pinfer.orchestrate.tasks import TaskRegistry
 from p2pinfer.serve.entry import candidates_for, model_needs
 
@@ -155,7 +155,7 @@ class Orchestration:
         for ring in list(self.entry.rings.values()):
             for m in ring:
                 pending[m.peer_id] = pending.get(m.peer_id, 0) + 1
-        return self.measure.inputs(self.records(), pending)
+        return self.measure.inputs(self.records(), pending, AVOID.get())
 
     def routing_snapshot(self) -> dict:
         """Per peer, the routing policies' inputs (model-independent: warm shards are per model, see

@@ -323,11 +323,19 @@ class BatchService:
             body["p2pinfer"] = {**(ext or {}), "routing": DEFAULT_ROUTING}
         line_id = f"batch_req_{uuid.uuid4().hex[:24]}"
         status, err_body = 500, None
+        tracks: list = []
+        avoid: frozenset[str] = frozenset()
+
+        def tracked(t) -> None:
+            task.parts[cid] = t.id
+            tracks.append(t)
+
         for attempt in range(TRIES):
             try:
                 parsed = await self.runner.parse(body, chat)
-                res = await self.runner.run(parsed, chat, task=task.id, part=cid,
-                                            on_track=lambda t: task.parts.__setitem__(cid, t.id))  # fmt: skip
+                res = await self.runner.run(
+                    parsed, chat, task=task.id, part=cid, on_track=tracked, avoid=avoid
+                )
                 return {"id": line_id, "custom_id": cid, "response": {"status_code": 200, "request_id": res.id,
                         "body": res.openai_body()}, "error": None}, "output"  # fmt: skip
             except BadRequest as e:
@@ -343,6 +351,8 @@ class BatchService:
                                               "invalid_request_error", "param": None, "code": None}  # fmt: skip
                 if e.status not in RETRYABLE or attempt == TRIES - 1:
                     break
+                if tracks and tracks[-1].ring:  # try a ring without the failed one's peers, if one fits
+                    avoid = avoid | {m[0] for m in tracks[-1].ring}
                 await trio.sleep(max(e.retry_after or 0, RETRY_BACKOFF * (attempt + 1)))
         return {"id": line_id, "custom_id": cid, "response": {"status_code": status, "request_id": None,
                 "body": {"error": err_body}}, "error": None}, "errors"  # fmt: skip

@@ -9,8 +9,9 @@ Body: ``{"input": "...", "steps": [{"name": "summary", "model": ..., "messages":
   Every step body is also parsed up front (model, sampling fields), with placeholders filled in.
 - Steps run as soon as their dependencies are done, independent ones in parallel. A step whose
   request fails with a retryable status (429, 5xx) is tried again, up to ``retries`` times (default
-  2, at most MAX_RETRIES), each try a new request with a fresh ring election (the entry also replays
-  on a member lost mid-answer, within one try). A step whose dependency failed is ``skipped``.
+  2, at most MAX_RETRIES), each try a new request on a fresh ring: elected without the peers of the
+  rings that failed before when the cluster has room for that, as usual otherwise (within one try,
+  the entry also replays on a member lost mid-answer). A step whose dependency failed is ``skipped``.
 - The response carries every step's output, state, tries, ring and timing (start and end relative
   to the chain's start), and ``output``: the text of the ``output`` step (default: the last step).
 """
@@ -192,17 +193,28 @@ async def run_chain(runner: Runner, task: Task, body: dict, steps: list[dict], d
             chat = "messages" in step
             retries = step.get("retries", DEFAULT_RETRIES)
             me["state"], me["started"] = "running", round(time.monotonic() - t0, 3)
+            tracks: list = []
+            avoid: frozenset[str] = frozenset()
+
+            def tracked(t) -> None:
+                task.parts[name] = t.id
+                tracks.append(t)
+
             for attempt in range(retries + 1):
                 me["tries"] = attempt + 1
                 try:
                     parsed = await runner.parse(fill(step_body(step, body), outputs, chain_input), chat)
-                    res: Result = await runner.run(parsed, chat, task=task.id, part=name,
-                                                   on_track=lambda t: task.parts.__setitem__(name, t.id))  # fmt: skip
+                    res: Result = await runner.run(parsed, chat, task=task.id, part=name, on_track=tracked,
+                                                   avoid=avoid)  # fmt: skip
                 except BadRequest as e:  # e.g. an earlier output made the prompt too long
                     me.update(state="error", error=f"400: {e}")
                     return
                 except RequestError as e:
                     me["error"] = f"{e.status}: {e}"
+                    if (
+                        tracks and tracks[-1].ring
+                    ):  # the next try: a ring without this one's peers, if one fits
+                        avoid = avoid | {m[0] for m in tracks[-1].ring}
                     if e.status in RETRYABLE and attempt < retries:
                         await trio.sleep(RETRY_BACKOFF * (attempt + 1))
                         continue

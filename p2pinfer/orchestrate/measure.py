@@ -74,8 +74,8 @@ class Measurements:
         return {"rtt": {p: _quantise_ms(v) for p, v in rtt.items()},
                 "tps": {p: round(v, 1) for p, v in tps.items()}}  # fmt: skip
 
-    def inputs(self, records, pending: dict[str, int]) -> RouteInputs:
-        return inputs_from_records(records, self.self_id, self.rtt, self.tps, pending)
+    def inputs(self, records, pending: dict[str, int], avoid: frozenset[str] = frozenset()) -> RouteInputs:
+        return inputs_from_records(records, self.self_id, self.rtt, self.tps, pending, avoid)
 
 
 async def ping_ms(host, peer_id: str) -> float:

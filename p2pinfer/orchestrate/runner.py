@@ -10,12 +10,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from p2pinfer.api.openai import BadRequest, OpenAIRoutes, Parsed, StopMatcher, Tracked, _message_text
 from p2pinfer.serve.entry import Generation, RequestError
 
 RETRYABLE = {429, 500, 502, 503, 504}  # another try (a fresh election) may do
+# Peers the ring of the request being started should leave out if it can (a retry after a failed ring).
+# Read by the entry's routing inputs (api/orchestrate.py) in the request's own tasks, which inherit it.
+AVOID: ContextVar[frozenset[str]] = ContextVar("p2pinfer_avoid", default=frozenset())
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -109,6 +113,7 @@ class Runner:
         on_text: Callable[[str], Awaitable[None]] | None = None,
         want_logprobs: bool = False,
         on_track: Callable[[PartTracked], None] | None = None,
+        avoid: frozenset[str] = frozenset(),
     ) -> Result:
         """Generate to the end; RequestError when the request fails (the part is tracked either way)."""
         routes = self.routes
@@ -134,6 +139,7 @@ class Runner:
                 if on_text is not None:
                     await on_text(text)
 
+        avoiding = AVOID.set(frozenset(avoid))
         try:
             async with self.entry.generate(gen) as events:
                 async for ev in events:
@@ -163,6 +169,7 @@ class Runner:
             track.state, track.finish = "error", "error"
             raise
         finally:
+            AVOID.reset(avoiding)
             if track.state in ("waiting", "generating"):
                 track.state = "cancelled"
             routes.active.pop(rid, None)
