@@ -34,10 +34,12 @@ typedef signed char i8x16 __attribute__((vector_size(16)));
 static inline f32x16 ldx(const float *p) { f32x16 v; __builtin_memcpy(&v, p, 64); return v; }
 static inline u8x16 ldq(const unsigned char *p) { u8x16 v; __builtin_memcpy(&v, p, 16); return v; }
 static inline i8x16 ldi(const signed char *p) { i8x16 v; __builtin_memcpy(&v, p, 16); return v; }
-static inline float hsum(f32x16 a) {
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  for (int i = 0; i < 16; i += 4) { s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3]; }
-  return (s0 + s1) + (s2 + s3);
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+static inline float hsum(f32x16 a) { /* a tree: 4 shuffles + 4 adds */
+  f32x8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  f32x4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  return (c[0] + c[2]) + (c[1] + c[3]);
 }
 static inline float h2f(unsigned short u) { /* exact for normals, subnormals, zeros */
   unsigned int b = ((unsigned int)(u & 0x7FFF) << 13) | ((unsigned int)(u & 0x8000) << 16);
