@@ -17,6 +17,9 @@ and four measurements in each:
           side, the Linker handler on the other, RemoteLink.send/recv (pump task + memory channel)
           at both ends; over tcp: the same frames (net/wire.py) on the bare secure socket
   hop2k   the same for H=2048 (a 1B model's hidden state)
+  writes/frame  socket writes the libp2p client makes per ring frame it sends during `hop` (one frame
+          per hop means 1.00: header and tensor in one yamux frame, one Noise message, one send; window
+          updates and pings show up as the excess)
 
 Per-hop overhead of our link = hop(libp2p) - hop(tcp): what a ring hop costs beyond the cheapest
 secure transport. Goals (issue 12): bulk >= 0.6x, rtt8k <= 2x of tcp, per-hop overhead <= 0.5 ms.
@@ -174,7 +177,8 @@ async def frame_hop(send, recv, width: int, rounds: int) -> float:
         frame = await recv()
         if i >= rounds // 10:
             times.append(time.perf_counter() - t0)
-    assert frame.tensor is not None and np.array_equal(frame.tensor, h)
+        if frame.tensor is None or not np.array_equal(frame.tensor, h):
+            raise AssertionError("a ring frame came back different")
     return statistics.median(times) / 2 * 1e3
 
 
@@ -291,13 +295,26 @@ async def client_tcp(addr: str, bulk_mb: int, rounds: int) -> dict:
     return out
 
 
-async def client_libp2p(addr: str, bulk_mb: int, rounds: int) -> dict:
+async def echo_check(read, write, size: int, rounds: int) -> int:
+    """Echo `rounds` random messages of `size` bytes and check every byte that comes back."""
+    r = Reader(read)
+    await write(_CMD.pack(b"E", size))
+    for _ in range(rounds):
+        msg = os.urandom(size)
+        await write(msg)
+        if await r.exactly(size) != msg:
+            raise AssertionError(f"echo of {size} bytes came back different")
+    return rounds
+
+
+async def client_libp2p(addr: str, bulk_mb: int, rounds: int, check: bool = False) -> dict:
     from libp2p.custom_types import TProtocol
 
     from p2pinfer.net import tuning
     from p2pinfer.net.addrs import parse_peer_addr
     from p2pinfer.serve.links import Linker
 
+    _count_socket_writes()
     me, host, listen = _host()
     info = parse_peer_addr(addr)
     out: dict = {"tuned": tuning.is_applied()}
@@ -308,6 +325,10 @@ async def client_libp2p(addr: str, bulk_mb: int, rounds: int) -> dict:
     linker = Linker(host, str(me.peer_id), refuse)
     async with host.run(listen):
         await host.connect(info)
+        if check:  # 3 MiB messages cross the 256 KiB initial window many times, both ways
+            stream = await host.new_stream(info.peer_id, [TProtocol(BULK_PROTOCOL)])
+            out["echoed"] = await echo_check(stream.read, stream.write, 3 << 20, 4)
+            await stream.close()
         stream = await host.new_stream(info.peer_id, [TProtocol(BULK_PROTOCOL)])
         out["bulk"] = await bulk(stream.read, stream.write, bulk_mb << 20)
         await stream.close()
@@ -316,8 +337,27 @@ async def client_libp2p(addr: str, bulk_mb: int, rounds: int) -> dict:
         await stream.close()
         for key, width in (("hop", 576), ("hop2k", 2048)):
             async with linker.open(str(info.peer_id)) as link:
+                before = _socket_writes[0]
                 out[key] = await frame_hop(link.send, link.recv, width, rounds)
+                # socket writes of this process per frame sent (each frame also reads one frame back)
+                out[f"{key}_writes"] = (_socket_writes[0] - before) / (rounds + rounds // 10)
     return out
+
+
+_socket_writes = [0]
+
+
+def _count_socket_writes() -> None:
+    """Count every write to a TCP socket by libp2p in this process (a Noise message is one write)."""
+    from libp2p.io.trio import TrioTCPStream
+
+    original = TrioTCPStream.write
+
+    async def write(self, data: bytes) -> None:
+        _socket_writes[0] += 1
+        await original(self, data)
+
+    TrioTCPStream.write = write
 
 
 def run_config(name: str, bulk_mb: int, rounds: int) -> dict:
@@ -353,25 +393,32 @@ def main() -> None:
     ap.add_argument("--bulk-mb", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--configs", default="tcp,stock,tuned")
+    ap.add_argument(
+        "--check", action="store_true", help="client: also echo 3 MiB messages, checking every byte"
+    )
     args = ap.parse_args()
     if args.serve:
         return trio.run(serve_tcp if args.serve == "tcp" else serve_libp2p)
     if args.client:
-        fn = client_tcp if args.client == "tcp" else client_libp2p
-        print(json.dumps(trio.run(fn, args.addr, args.bulk_mb, args.rounds)))
+        if args.client == "tcp":
+            result = trio.run(client_tcp, args.addr, args.bulk_mb, args.rounds)
+        else:
+            result = trio.run(client_libp2p, args.addr, args.bulk_mb, args.rounds, args.check)
+        print(json.dumps(result))
         return
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     results = {name: run_config(name, args.bulk_mb, args.rounds) for name in args.configs.split(",")}
     base = results.get("tcp")
     print(f"\n{'config':>6} {'bulk MB/s':>10} {'x tcp':>6} {'rtt8k ms':>9} {'x tcp':>6} {'hop ms':>7} "
-          f"{'+tcp ms':>8} {'hop2k ms':>9} {'+tcp ms':>8}")  # fmt: skip
+          f"{'+tcp ms':>8} {'hop2k ms':>9} {'+tcp ms':>8} {'writes/frame':>12}")  # fmt: skip
     for name, r in results.items():
         bx = f"{r['bulk'] / base['bulk']:.2f}" if base else "-"
         rx = f"{r['rtt8k'] / base['rtt8k']:.2f}" if base else "-"
         hx = f"{r['hop'] - base['hop']:+.3f}" if base else "-"
         h2x = f"{r['hop2k'] - base['hop2k']:+.3f}" if base else "-"
+        writes = f"{r['hop_writes']:.2f}" if "hop_writes" in r else "1 (by design)"
         print(f"{name:>6} {r['bulk']:>10.1f} {bx:>6} {r['rtt8k']:>9.3f} {rx:>6} {r['hop']:>7.3f} {hx:>8} "
-              f"{r['hop2k']:>9.3f} {h2x:>8}")  # fmt: skip
+              f"{r['hop2k']:>9.3f} {h2x:>8} {writes:>12}")  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -11,25 +11,24 @@ acknowledged differently (tests/test_net_tuning.py runs both directions against 
    two Noise messages (two encryptions, two length prefixes, a 17-byte tail). We cut frames at
    65,519 bytes, header included.
 2. Window updates at half the window, not after every read, and a window big enough for that.
-   0.8.1 (RELEASE_ON_READ, on by default) sends a WINDOW_UPDATE back for every read, i.e. for every
-   ring frame: an extra encrypted write here and an extra frame to decode there, per hop. go-yamux
-   credits the sender when half the window has been consumed; so do we (PY_YAMUX_RELEASE_ON_READ=0
-   semantics, without the environment). With yamux's 256 KiB window that alone is stop-and-wait
-   between two processes (bulk fell to ~10-25 MB/s: the credit comes only after the reader caught
-   up, and 0.8.1's auto-tuning never grows the window when loopback's measured RTT is ~0.1 ms), so
-   each stream's receive window targets RECV_WINDOW from its first read on: the first window update
-   carries the extra credit, as go-yamux's auto-tuning does (any yamux peer honours it).
+   0.8.1 sends a WINDOW_UPDATE back after nearly every read (RELEASE_ON_READ, and a "partial slack"
+   branch that credits delta + bytes_read, i.e. twice what was read, whatever that setting), so a
+   ring frame cost an extra encrypted write here and an extra frame to decode there: 1.5 socket
+   writes per frame sent (benchmarks/link.py, writes/frame). Like go-yamux, we credit the sender once
+   the reader has consumed half the target window, and keep 0.8.1's auto-tuning (doubling the target
+   when updates come within 4 RTTs). A stream's target starts at RECV_WINDOW, not 256 KiB, so the
+   first read's update carries that credit (yamux peers honour any credit; go-yamux grows its
+   windows the same way) and half-window credit does not become stop-and-wait between processes.
 3. Buffered Noise reads. 0.8.1 reads a Noise message with one receive for its 2-byte length and
    at least one more for its body. We receive up to 256 KiB at a time into a buffer kept on the
    raw connection (not on the reader object: the handshake and transport phases use different
    reader objects over one connection, and bytes read ahead in one phase belong to the next).
 4. Writers woken by window updates, and patient. 0.8.1's writer, once its send window is spent, polls
-   every 10 ms for credit and gives up after 5 s (the stream is then reset at this end, and the
-   other end sees its stream end: StreamEOF). Polling caps a stream at one window per 10 ms once
-   credit comes at half windows (~13 MB/s); the 5 s limit turns a receiver that is busy for 5 s
-   (a shard loading on 2 shared cores) into a broken ring. Our writer wakes on the update itself and
-   waits up to WINDOW_WAIT_TIMEOUT; a stream or connection that closes meanwhile still ends the wait.
-   A write's chunks are also kept together (one writer per stream at a time).
+   every 10 ms for credit and fails the write after 5 s without it (the stream is then reset at this
+   end). Ours wakes on the update itself and waits up to WINDOW_WAIT_TIMEOUT, so a receiver whose
+   process is starved for a few seconds (tests/test_link_stall.py) slows a ring down instead of
+   breaking it; a stream or connection that closes meanwhile still ends the wait. A write's chunks
+   are also kept together (one writer per stream at a time).
 5. Reads that take what is buffered in one piece. 0.8.1's read() (no size) copies the stream's
    buffer out in 64 KiB slices and appends each to a bytes object (quadratic: with a few MiB
    buffered, reading them cost ~13 ms per call and bulk fell to a few MB/s) and runs the window
@@ -111,7 +110,18 @@ def _window_updates_at_half_window() -> None:
         original_init(self, *args, **kwargs)
         self.target_recv_window = RECV_WINDOW
 
+    async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
+        """go-yamux's sendWindowUpdate: credit what the reader consumed once it is half the target."""
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        if delta < self.target_recv_window // 2:
+            return
+        self.recv_window += delta  # no await since reading the fields: nothing else ran in between
+        delta += self._apply_autotune_epoch(buffered)
+        await self.send_window_update(delta)
+
     yamux.YamuxStream.__init__ = __init__
+    yamux.YamuxStream._auto_tune_and_send_window_update = _auto_tune_and_send_window_update
 
 
 def _buffered_noise_reads() -> None:
