@@ -307,6 +307,14 @@ def test_routing_policies_and_a_second_peer(env):
         assert len(rings) == 2 and not set(rings[0]) & set(rings[1]), rings  # disjoint
         assert body["branches"][0]["content"] == body["branches"][1]["content"]
 
+        # a batch spreads its requests over both peers' rings
+        c = client(a)
+        bid = c.batches.create(input_file_id=c.files.create(file=("in.jsonl", _batch_file(4, 4)), purpose="batch").id,
+                               endpoint="/v1/chat/completions", completion_window="24h").id  # fmt: skip
+        assert _wait_batch(c, bid).request_counts.completed == 4
+        used = {r["ring"][0][0] for r in a.get("/v1/requests")["data"] if r.get("task") == bid}
+        assert used == ids, used
+
         def rtt_in_records():
             peers = {p["peer_id"]: p for p in a.get("/v1/cluster")["peers"]}
             return b.peer_id in (peers[a.peer_id]["extra"].get("rtt") or {})

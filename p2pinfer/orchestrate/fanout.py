@@ -13,7 +13,7 @@ A request body is a chat (``messages``) or completions (``prompt``) body plus:
   ``{"type": "branch", "branch": i, ...}`` when a branch ends, then one ``{"type": "result", ...}``
   and ``[DONE]``.
 
-Branches are started one after another, each once its ring is elected, and default to the
+Branches elect their rings one after another (runner.py's election gate) and default to the
 ``least-loaded`` routing policy, which counts the rings this entry already has on each peer: so
 branches spread over disjoint rings while the cluster has room, and share peers when it has not.
 """
@@ -37,7 +37,6 @@ MAX_BRANCHES = 8
 AGGREGATES = ("all", "first", "vote")
 SHORTHANDS = {"models": "model", "seeds": "seed", "temperatures": "temperature"}
 OWN_FIELDS = {"branches", "aggregate", "stream", "stream_options", *SHORTHANDS}
-RING_WAIT = 2.0  # s a branch start waits for its ring before the next branch starts anyway
 DEFAULT_ROUTING = "least-loaded"
 
 Emit = Callable[[dict], Awaitable[None]]
@@ -134,17 +133,9 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
     errors: dict[int, str] = {}
     finished_order: list[int] = []
 
-    async def branch(i: int, ready: trio.Event, nursery: trio.Nursery) -> None:
+    async def branch(i: int, nursery: trio.Nursery) -> None:
         def tracked(track) -> None:
             task.parts[f"branch{i}"] = track.id
-
-            async def wait_ring() -> None:
-                with trio.move_on_after(RING_WAIT):
-                    while not track.ring and track.state == "waiting":
-                        await trio.sleep(0.01)
-                ready.set()
-
-            nursery.start_soon(wait_ring)
 
         async def on_text(text: str) -> None:
             if emit is not None:
@@ -155,13 +146,11 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
                                    want_logprobs=aggregate == "vote", on_track=tracked)  # fmt: skip
         except RequestError as e:
             errors[i] = f"{e.status}: {e}"
-            ready.set()
             if emit is not None:
                 await emit({"type": "branch", **branch_dict(i, bodies[i], None, "error", errors[i])})
             return
         results[i] = res
         finished_order.append(i)
-        ready.set()
         if emit is not None:
             await emit({"type": "branch", **branch_dict(i, bodies[i], res, "done", None)})
         if aggregate == "first":
@@ -170,9 +159,7 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
     with task.scope:
         async with trio.open_nursery() as nursery:
             for i in range(len(parsed)):
-                ready = trio.Event()
-                nursery.start_soon(branch, i, ready, nursery)
-                await ready.wait()
+                nursery.start_soon(branch, i, nursery)
     cancelled = task.scope.cancelled_caught and task.state == "cancelled"
     out_branches = []
     for i in range(len(parsed)):

@@ -13,13 +13,17 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+import trio
+
 from p2pinfer.api.openai import BadRequest, OpenAIRoutes, Parsed, StopMatcher, Tracked, _message_text
 from p2pinfer.serve.entry import Generation, RequestError
+from p2pinfer.tasks import open_nursery
 
 RETRYABLE = {429, 500, 502, 503, 504}  # another try (a fresh election) may do
 # Peers the ring of the request being started should leave out if it can (a retry after a failed ring).
 # Read by the entry's routing inputs (api/orchestrate.py) in the request's own tasks, which inherit it.
 AVOID: ContextVar[frozenset[str]] = ContextVar("p2pinfer_avoid", default=frozenset())
+ELECTION_GATE = 2.0  # s a part's start waits for the previous part's ring before electing anyway
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -87,6 +91,9 @@ class Runner:
     def __init__(self, routes: OpenAIRoutes) -> None:
         self.routes = routes
         self.entry = routes.entry
+        # Parts elect their rings one at a time, each once the one before has its ring: then the
+        # least-loaded policy counts it (RouteInputs.pending) and parts started together spread out.
+        self._gate = trio.Semaphore(1)
 
     async def parse(self, body: dict, chat: bool) -> Parsed:
         """Parse a chat or completions body; BadRequest / UnknownModelError as the OpenAI routes raise."""
@@ -139,27 +146,49 @@ class Runner:
                 if on_text is not None:
                     await on_text(text)
 
+        gate_held = False
+
+        def open_gate() -> None:
+            nonlocal gate_held
+            if gate_held:
+                gate_held = False
+                self._gate.release()
+
+        async def open_gate_once_elected() -> None:
+            with trio.move_on_after(ELECTION_GATE):
+                while not track.ring and track.state == "waiting":
+                    await trio.sleep(0.005)
+            open_gate()
+
         avoiding = AVOID.set(frozenset(avoid))
         try:
-            async with self.entry.generate(gen) as events:
-                async for ev in events:
-                    if ev.kind == "error":
-                        failure = ev.error
-                        break
-                    if ev.kind == "done":
-                        finish = ev.reason
-                        break
-                    now = time.monotonic()
-                    if track.first_token_at is None:
-                        track.first_token_at, track.state = now, "generating"
-                    track.last_token_at, track.tokens = now, track.tokens + 1
-                    if ev.logprob is not None:
-                        lps.append(float(ev.logprob))
-                    text, stopped = stops.feed(decoder.feed(ev.token))
-                    await out(text)
-                    if stopped:
-                        finish = "stop"
-                        break
+            await self._gate.acquire()
+            gate_held = True
+            async with open_nursery() as nursery:
+                nursery.start_soon(open_gate_once_elected)
+                try:
+                    async with self.entry.generate(gen) as events:
+                        async for ev in events:
+                            if ev.kind == "error":
+                                failure = ev.error
+                                break
+                            if ev.kind == "done":
+                                finish = ev.reason
+                                break
+                            now = time.monotonic()
+                            if track.first_token_at is None:
+                                track.first_token_at, track.state = now, "generating"
+                            track.last_token_at, track.tokens = now, track.tokens + 1
+                            if ev.logprob is not None:
+                                lps.append(float(ev.logprob))
+                            text, stopped = stops.feed(decoder.feed(ev.token))
+                            await out(text)
+                            if stopped:
+                                finish = "stop"
+                                break
+                finally:
+                    open_gate()
+                    nursery.cancel_scope.cancel()
             if failure is not None:
                 raise failure
             if not stopped:
@@ -169,6 +198,7 @@ class Runner:
             track.state, track.finish = "error", "error"
             raise
         finally:
+            open_gate()
             AVOID.reset(avoiding)
             if track.state in ("waiting", "generating"):
                 track.state = "cancelled"
