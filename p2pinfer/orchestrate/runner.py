@@ -134,6 +134,9 @@ class Runner:
         decoder, stops = tokenizer.decoder(), StopMatcher(p.stops)
         track = PartTracked(rid, p.model, len(p.prompt), task=task, part=part)
         routes.active[rid] = track
+        metrics = routes.metrics
+        metrics.active.inc()
+        metrics.tokens.labels(p.model, "prompt").inc(len(p.prompt))
         if on_track is not None:
             on_track(track)
         parts: list[str] = []
@@ -178,6 +181,7 @@ class Runner:
                             now = time.monotonic()
                             if track.first_token_at is None:
                                 track.first_token_at, track.state = now, "generating"
+                                metrics.ttft.labels(p.model).observe(now - track.started)
                             track.last_token_at, track.tokens = now, track.tokens + 1
                             if ev.logprob is not None:
                                 lps.append(float(ev.logprob))
@@ -204,6 +208,13 @@ class Runner:
                 track.state = "cancelled"
             routes.active.pop(rid, None)
             routes.recent.append(track)
+            metrics.active.dec()
+            metrics.tokens.labels(p.model, "completion").inc(track.tokens)
+            metrics.completions.labels(p.model, track.finish or track.state).inc()
+            if track.tokens > 1 and track.last_token_at > track.first_token_at:
+                metrics.tps.labels(p.model).observe(
+                    (track.tokens - 1) / (track.last_token_at - track.first_token_at)
+                )
         d = track.to_dict()
         return Result(rid, p.model, chat, "".join(parts), finish, len(p.prompt), track.tokens, lps, track.ring,
                       d["ttft"], d["elapsed"])  # fmt: skip
