@@ -191,6 +191,7 @@ def test_batch_resumes_only_what_is_missing_and_bounds_concurrency(tmp_path):
              "input_file_id": f["id"], "status": "in_progress", "output_file_id": None, "error_file_id": None,
              "created_at": 1, "in_progress_at": 1, "request_counts": {"total": 5, "completed": 2, "failed": 0}}  # fmt: skip
     store.save(batch)
+    (store.root / ("batch-" + "1" * 24 + ".json")).write_text("{cut short")  # skipped with a warning
     with open(store.results_path(batch["id"], "output"), "w") as out:
         for cid in ("q0", "q3"):
             out.write(json.dumps({"custom_id": cid, "response": {"status_code": 200}}) + "\n")

@@ -52,6 +52,23 @@ class NotFound(Exception):
     pass
 
 
+def _read_all(paths) -> list[dict]:
+    """The JSON objects of these files; one that cannot be read (a disk problem, a hand edit) is skipped
+    with a warning rather than taking the batch service down."""
+    out = []
+    for p in paths:
+        try:
+            obj = json.loads(p.read_text())
+            if isinstance(obj, dict) and "id" in obj and "created_at" in obj:
+                out.append(obj)
+                continue
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable %s: %s", p, e)
+            continue
+        log.warning("skipping %s: not a file or batch object", p)
+    return sorted(out, key=lambda o: o["created_at"], reverse=True)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj))
@@ -83,8 +100,7 @@ class BatchStore:
         return (self.files_dir / f"{fid}.data").read_bytes()
 
     def files(self) -> list[dict]:
-        out = [json.loads(p.read_text()) for p in self.files_dir.glob("file-*.json")]
-        return sorted(out, key=lambda f: f["created_at"], reverse=True)
+        return _read_all(self.files_dir.glob("file-*.json"))
 
     def delete_file(self, fid: str) -> None:
         self.file(fid)
@@ -101,8 +117,7 @@ class BatchStore:
         _write_json(self.root / f"{batch['id']}.json", batch)
 
     def batches(self) -> list[dict]:
-        out = [json.loads(p.read_text()) for p in self.root.glob("batch-*.json")]
-        return sorted(out, key=lambda b: b["created_at"], reverse=True)
+        return _read_all(self.root.glob("batch-*.json"))
 
     def results_path(self, bid: str, kind: str) -> Path:
         return self.root / f"{bid}.{kind}.jsonl"
@@ -195,6 +210,8 @@ class BatchService:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for b in self.store.batches():
+                if "status" not in b:
+                    continue
                 if b["status"] == "cancelling":
                     self._finish(b, "cancelled")
                 elif b["status"] in UNFINISHED:
