@@ -43,6 +43,7 @@ from p2pinfer.serve.entry import EntryService
 from p2pinfer.serve.links import Linker
 from p2pinfer.serve.member import Member
 from p2pinfer.serve.shards import ShardHost
+from p2pinfer.serve.spares import SparePreloader
 
 log = logging.getLogger("p2pinfer.agent")
 
@@ -333,6 +334,10 @@ class Agent:
                     nursery.start_soon(mdns.run)
                 nursery.start_soon(self.openai.warm, self.settings.model)
                 nursery.start_soon(self._warm_default_model)
+                if self.settings.compute and self.settings.preload:
+                    spares = SparePreloader(self.peer_id, self.catalog, self.shards, self.membership.view.records,
+                                            self.memory_offer)  # fmt: skip
+                    nursery.start_soon(spares.run)
                 await nursery.start(self._serve_http)
                 log.info(
                     "agent %s up: p2p %s, http http://%s:%d",

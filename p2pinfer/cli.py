@@ -57,6 +57,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=float,
                    help="seconds SIGTERM waits for in-flight requests before leaving (default 30)")  # fmt: skip
     p.add_argument("--threads", type=int, help="cores the engine's kernels use (default: all)")
+    p.add_argument("--no-preload", dest="preload", action="store_false",
+                   help="as a spare, do not pre-load a range that only one peer holds")  # fmt: skip
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="do not load and warm the default model at start")  # fmt: skip
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")

@@ -60,6 +60,7 @@ class Settings:
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests before leaving
     threads: int | None = None  # cores the engine's kernels use (default: every core this process may use)
     warm: bool = True  # load and warm the default model at start when it fits here alone
+    preload: bool = True  # as a spare, pre-load a range only one peer holds (serve/spares.py)
     log_level: str = "INFO"
     allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered besides our own
     cors_origins: list[str] = field(default_factory=list)  # origins whose pages may call the API
@@ -110,7 +111,7 @@ def _coerce(name: str, value):
         return float(value)
     if name in ("max_requests", "threads"):
         return int(value) if value not in (None, "") else None
-    if name in ("mdns", "compute", "warm") and isinstance(value, str):
+    if name in ("mdns", "compute", "warm", "preload") and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return value
 

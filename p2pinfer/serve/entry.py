@@ -8,6 +8,7 @@ string) cancels the ring, which makes every member free its KV session.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -218,6 +219,7 @@ class EntryService:
         if any(sampling.get(k) not in (None, 0, 0.0) for k in ("frequency_penalty", "presence_penalty")) or \
                 sampling.get("repetition_penalty", 1.0) != 1.0:  # fmt: skip
             sampling["recent"] = prompt[-PENALTY_LAST_N:].tolist()  # the last member never sees the ids
+        t0 = time.monotonic()
         async with AsyncExitStack() as stack:
             controls: list[Link] = []
             for m in ring:
@@ -235,6 +237,8 @@ class EntryService:
                         nursery.start_soon(self._expect_ready, link)
             if scope.cancelled_caught:
                 raise RequestError(504, f"ring members not ready within {READY_TIMEOUT:.0f} s")
+            replay = not rid.endswith("-0")  # a replay's wait is what its client sees as a stall
+            (log.info if replay else log.debug)("request %s: ring ready in %.2f s", rid, time.monotonic() - t0)
             for i, link in enumerate(controls):
                 await self._send(link, {"t": P.START}, prompt if i == 0 else None)
             return await self._collect(controls, generated, tx)
