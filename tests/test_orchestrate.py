@@ -137,6 +137,23 @@ def test_chain_runs_a_dag_with_templates(env):
     assert body["output"] == steps["final"]["content"] == want
 
 
+def test_chain_streams(env):
+    a = env["a"]
+    body = {"stream": True, "steps": [{"name": "s1", "prompt": "The capital of France is", "max_tokens": 3,
+                                       "temperature": 0},
+                                      {"name": "s2", "prompt": "{{steps.s1}} and", "max_tokens": 2, "temperature": 0}]}  # fmt: skip
+    req = urllib.request.Request(a.url + "/v1/p2pinfer/chain", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=300) as r:
+        events = [json.loads(x[6:]) for x in r.read().decode().split("\n\n") if x.startswith("data: {")]
+    result = events[-1]
+    assert result["type"] == "result" and result["state"] == "done"
+    for name in ("s1", "s2"):
+        text = "".join(e["content"] for e in events if e["type"] == "delta" and e["step"] == name)
+        assert text == next(s["content"] for s in result["steps"] if s["name"] == name)
+    assert [e["step"] for e in events if e["type"] == "step"] == ["s1", "s2"]
+
+
 def test_cancel_a_task_as_a_whole(env):
     a = env["a"]
     out = {}

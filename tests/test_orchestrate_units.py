@@ -104,7 +104,9 @@ class FakeRunner:
             raise BadRequest("'max_tokens' must be between 1 and 1e9", "max_tokens")
         return body
 
-    async def run(self, parsed, chat, *, task="", part="", on_track=None, avoid=frozenset(), **kw):
+    async def run(
+        self, parsed, chat, *, task="", part="", on_track=None, avoid=frozenset(), on_text=None, **kw
+    ):
         self.calls += 1
         self.avoided.append((part, avoid))
         if on_track is not None:
@@ -112,6 +114,8 @@ class FakeRunner:
         text = parsed.get("prompt") or parsed["messages"][-1]["content"]
         self.prompts.append(text)
         await trio.sleep(self.delay)
+        if on_text is not None:
+            await on_text(text.upper())
         outcomes = self.script.get(part)
         if outcomes:
             o = outcomes.pop(0)
@@ -120,12 +124,12 @@ class FakeRunner:
         return Result(f"r-{part}", parsed.get("model", "m"), chat, text.upper(), "stop", 1, 1)
 
 
-def _chain(body, runner):
+def _chain(body, runner, emit=None):
     steps, deps, output, chain_input = chains.plan(body)
     task = TaskRegistry().new("chain")
 
     async def main():
-        return await chains.run_chain(runner, task, body, steps, deps, output, chain_input)
+        return await chains.run_chain(runner, task, body, steps, deps, output, chain_input, emit)
 
     return trio.run(main)
 
@@ -309,3 +313,25 @@ def test_a_retry_avoids_the_failed_ring_through_the_entry():
 
     trio.run(main)
     assert seen == ["pa", "pb", "pa"]
+
+
+def test_chain_streams_deltas_retries_and_steps(monkeypatch):
+    monkeypatch.setattr(chains, "RETRY_BACKOFF", 0.0)
+    events = []
+
+    async def emit(e):
+        events.append(e)
+
+    out = _chain({"steps": [step("a", "x"), step("b", "{{steps.a}}!")]},
+                 FakeRunner({"a": [RequestError(504, "stalled")]}), emit)  # fmt: skip
+    assert out["output"] == "X!"
+    kinds = [(e["type"], e["step"]) for e in events]
+    assert kinds == [
+        ("delta", "a"),
+        ("retry", "a"),
+        ("delta", "a"),
+        ("step", "a"),
+        ("delta", "b"),
+        ("step", "b"),
+    ]
+    assert events[1]["try"] == 2 and events[3]["state"] == "done" and events[4]["content"] == "X!"

@@ -235,6 +235,9 @@ class Orchestration:
     async def chain(self, request: Request) -> Response:
         try:
             body = await self._json(request)
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise BadRequest("'stream' must be a boolean", "stream")
             steps, deps, output, chain_input = await chains.prepare(self.runner, body)
         except Exception as e:
             return _error_response(e)
@@ -242,9 +245,10 @@ class Orchestration:
         task.detail = {"steps": [s["name"] for s in steps]}
 
         async def work(emit):
-            return await chains.run_chain(self.runner, task, body, steps, deps, output, chain_input)
+            return await chains.run_chain(self.runner, task, body, steps, deps, output, chain_input,
+                                          emit if stream else None)  # fmt: skip
 
-        return TaskResponse(task, work, False)
+        return TaskResponse(task, work, stream)
 
     # --- tasks and routing ----------------------------------------------------------------------
     async def list_tasks(self, request: Request) -> JSONResponse:

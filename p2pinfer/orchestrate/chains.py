@@ -14,6 +14,9 @@ Body: ``{"input": "...", "steps": [{"name": "summary", "model": ..., "messages":
   the entry also replays on a member lost mid-answer). A step whose dependency failed is ``skipped``.
 - The response carries every step's output, state, tries, ring and timing (start and end relative
   to the chain's start), and ``output``: the text of the ``output`` step (default: the last step).
+- ``"stream": true``: SSE events ``{"type": "delta", "step", "content"}`` as steps generate,
+  ``{"type": "retry", "step", "try", "error"}`` (the step's text so far is void), ``{"type": "step",
+  ...}`` when a step ends, then ``{"type": "result", ...}`` (the response above) and ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ RETRY_BACKOFF = 0.5  # s x try
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 STEP_REF = re.compile(r"^steps\.([A-Za-z_][A-Za-z0-9_-]*)$")
-OWN_FIELDS = {"name", "retries"}
+OWN_FIELDS = {"name", "retries", "stream", "stream_options"}
 
 
 def _texts(step: dict) -> list[str]:
@@ -174,7 +177,7 @@ async def prepare(runner: Runner, body: dict):
 
 
 async def run_chain(runner: Runner, task: Task, body: dict, steps: list[dict], deps: dict[str, list[str]],
-                    output: str, chain_input: str) -> dict:  # fmt: skip
+                    output: str, chain_input: str, emit=None) -> dict:  # fmt: skip
     t0 = time.monotonic()
     done = {s["name"]: trio.Event() for s in steps}
     outputs: dict[str, str] = {}
@@ -200,22 +203,29 @@ async def run_chain(runner: Runner, task: Task, body: dict, steps: list[dict], d
                 task.parts[name] = t.id
                 tracks.append(t)
 
+            async def on_text(text: str) -> None:
+                if emit is not None:
+                    await emit({"type": "delta", "step": name, "content": text})
+
             for attempt in range(retries + 1):
                 me["tries"] = attempt + 1
                 try:
                     parsed = await runner.parse(fill(step_body(step, body), outputs, chain_input), chat)
                     res: Result = await runner.run(parsed, chat, task=task.id, part=name, on_track=tracked,
-                                                   avoid=avoid)  # fmt: skip
+                                                   avoid=avoid, on_text=on_text)  # fmt: skip
                 except BadRequest as e:  # e.g. an earlier output made the prompt too long
                     me.update(state="error", error=f"400: {e}")
                     return
                 except RequestError as e:
                     me["error"] = f"{e.status}: {e}"
-                    if (
-                        tracks and tracks[-1].ring
-                    ):  # the next try: a ring without this one's peers, if one fits
+                    # the next try: a ring without this one's peers, if one fits
+                    if tracks and tracks[-1].ring:
                         avoid = avoid | {m[0] for m in tracks[-1].ring}
                     if e.status in RETRYABLE and attempt < retries:
+                        if emit is not None:  # what this try streamed is void
+                            await emit(
+                                {"type": "retry", "step": name, "try": attempt + 2, "error": me["error"]}
+                            )
                         await trio.sleep(RETRY_BACKOFF * (attempt + 1))
                         continue
                     me["state"] = "error"
@@ -232,6 +242,8 @@ async def run_chain(runner: Runner, task: Task, body: dict, steps: list[dict], d
             if me["state"] in ("waiting", "running"):
                 me["state"] = "cancelled"
             done[name].set()
+            if emit is not None and me["state"] != "cancelled":
+                await emit({"type": "step", "step": name, **me})
 
     with task.scope:
         async with trio.open_nursery() as nursery:
