@@ -55,7 +55,7 @@ POLICIES = ("memory", "least-loaded", "latency", "fastest")
 DEFAULT_POLICY = "memory"
 UNKNOWN_RTT_MS = 1000.0  # a peer never measured: after every measured one, but still usable
 MAX_PERMUTED = 6  # 720 orders; beyond this a latency ring keeps the election's order
-MAX_REPORTED = 48  # entries per map a record carries (records are capped at 16 KiB)
+MAX_REPORTED = 32  # entries per map a record carries (records are capped at 16 KiB: ~2 kB each map)
 
 
 class UnknownPolicy(ValueError):
