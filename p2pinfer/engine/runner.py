@@ -77,19 +77,17 @@ static void call(const uint64_t *row, uint64_t core) {
   ((kfn)row[0])(%(args)s);
 }
 
-/* Every thread walks the same table, so all meet the same barriers: one sits between two kernels
-   unless both are single-slice (those run in order on thread 0 alone). */
+/* Every thread walks the same table, so all meet the same barriers. Python decided where they go (bit 32 of
+   the row's second word): before a kernel that touches memory a kernel since the last barrier wrote (or writes
+   memory one read), unless both run on thread 0 alone (single-slice kernels run in order on thread 0). */
 static void walk(int t, int *sense) {
-  uint64_t prev = 0; /* slices of the previous kernel, 0 before the first */
   for (long i = 0; i < ncmds; i++) {
     const uint64_t *row = cmds + i * ROW;
     uint64_t slices = row[3];
-    if (prev > 1 || (prev == 1 && slices > 1)) barrier(sense);
+    if (row[1] >> 32) barrier(sense);
     if (slices <= 1) { if (t == 0) call(row, 0); }
     else for (uint64_t c = t; c < slices; c += nth) call(row, c);
-    prev = slices < 1 ? 1 : slices;
   }
-  if (prev > 1) barrier(sense);
 }
 
 static void *worker(void *arg) {
@@ -131,7 +129,7 @@ void p2p_runner_run(const uint64_t *table, long n) {
   pthread_cond_broadcast(&cv);
   pthread_mutex_unlock(&mu);
   walk(0, &main_sense);
-  for (int n = 0; atomic_load(&finished) < nth - 1; n++) { if (n < 4000) relax(); else sched_yield(); } /* workers leave walk() right after the last barrier */
+  for (int n = 0; atomic_load(&finished) < nth - 1; n++) { if (n < 4000) relax(); else sched_yield(); } /* every slice is done when all workers have left walk() */
   pthread_mutex_unlock(&run_mu);
 }
 """
@@ -223,7 +221,7 @@ def _python_run(table: np.ndarray) -> None:
     """Fallback: the same table walked from Python on this thread (each ctypes call still drops the GIL)."""
     cfunc = ctypes.CFUNCTYPE(None, *[ctypes.c_uint64] * MAX_ARGS)
     for row in table.tolist():
-        fn, nargs, core, slices = row[:4]
+        fn, _, core, slices = row[:4]
         args = row[4:]
         f = cfunc(fn)
         for c in range(max(1, slices)):
@@ -247,6 +245,7 @@ class StepTemplate:
         self._jit = jit  # keeps the captured intermediates' memory alive
         rows: list[np.ndarray] = []
         self.names: list[str] = []  # kernel function names, one per row (profiling)
+        self.access: list[list[tuple]] = []  # buffers each row touches (where the runner needs barriers)
         self.slot_words: dict[int, list[int]] = {}  # input slot -> word indices (within these rows)
         self.var_words: dict[str, list[int]] = {}
         for call in captured.linear.src:
@@ -263,13 +262,19 @@ class StepTemplate:
             arg_uops = get_call_arg_uops(call)
             base = len(rows) * _ROW + 4
             words: list[int] = []
+            access: list[tuple] = []  # (slot or None, address, bytes, writes, reads) per buffer argument
             for g in info.globals:
                 u = arg_uops[g]
+                writes, reads = g in info.outs, g in info.ins or g not in info.outs
                 if u.op is Ops.PARAM:
                     self.slot_words.setdefault(u.arg.slot, []).append(base + len(words))
+                    access.append((u.arg.slot, 0, 0, writes, reads))
                     words.append(0)
                 else:
-                    words.append(u.buffer.ensure_allocated()._buf.va_addr)
+                    buf = u.buffer.ensure_allocated()
+                    words.append(buf._buf.va_addr)
+                    access.append((None, buf._buf.va_addr, buf.nbytes, writes, reads))
+            self.access.append(access)
             for v in info.vars:
                 if v.expr not in prog.runtimevars:
                     self.var_words.setdefault(v.expr, []).append(base + len(words))
@@ -304,15 +309,19 @@ class KernelPlan:
         self.threads = self._native.threads if self._native is not None else 1
         self._parts: list[np.ndarray] = []
         self._instances: list[tuple[int, StepTemplate]] = []  # (word offset, template)
+        self._fixed: list[dict[int, tuple[int, int]]] = []  # per instance: bound slot -> (address, bytes)
         self._words = 0
         self.table: np.ndarray | None = None
 
     def add(self, template: StepTemplate, fixed: dict[int, object]) -> int:
         rows = template.rows.copy()
         flat = rows.reshape(-1)
+        ranges = {}
         for slot, tensor in fixed.items():
             flat[template.slot_words.get(slot, [])] = buffer_address(tensor)
+            ranges[slot] = (buffer_address(tensor), tensor.uop.buffer.nbytes)
         self._parts.append(rows)
+        self._fixed.append(ranges)
         self._instances.append((self._words, template))
         self._words += flat.size
         self.table = None
@@ -322,12 +331,49 @@ class KernelPlan:
         if self.table is None:
             self.table = np.ascontiguousarray(np.concatenate(self._parts))
             self._flat = self.table.reshape(-1)
+            self._place_barriers()
             self._var_index = {}
             for offset, template in self._instances:
                 for name, words in template.var_words.items():
                     self._var_index.setdefault(name, []).extend(offset + w for w in words)
             self._var_index = {k: np.asarray(v, dtype=np.int64) for k, v in self._var_index.items()}
         return self.table
+
+    def _place_barriers(self) -> None:
+        """Set bit 32 of word 1 of each row that must wait for every earlier kernel (see walk() in the C source).
+
+        A slot left open at add() (a session's KV cache) is its own buffer, distinct from every other; its
+        address may change with bind() without changing where barriers go."""
+        rows: list[tuple[bool, list]] = []  # (runs on thread 0 only, [(key, lo, hi, writes, reads)])
+        for i, (_, template) in enumerate(self._instances):
+            for access, row in zip(template.access, template.rows, strict=True):
+                spans = []
+                for slot, addr, size, writes, reads in access:
+                    if slot is not None and slot in self._fixed[i]:
+                        addr, size = self._fixed[i][slot]
+                        slot = None
+                    key = None if slot is None else (i, slot)
+                    spans.append((key, addr, addr + size, writes, reads))
+                rows.append((int(row[3]) <= 1, spans))
+
+        def conflict(a: list, b: list) -> bool:
+            for ka, lo_a, hi_a, wa, ra in a:
+                for kb, lo_b, hi_b, wb, rb in b:
+                    same = ka == kb if (ka is not None or kb is not None) else lo_a < hi_b and lo_b < hi_a
+                    if same and ((wa and (wb or rb)) or (ra and wb)):
+                        return True
+            return False
+
+        since: list[tuple[bool, list]] = []  # kernels since the last barrier
+        flags = np.zeros(len(rows), dtype=np.uint64)
+        for j, (single, spans) in enumerate(rows):
+            if any(not (single and s1) and conflict(sp1, spans) for s1, sp1 in since):
+                flags[j] = 1
+                since = []
+            since.append((single, spans))
+        words = self.table[:, 1] & np.uint64(0xFFFFFFFF)
+        self.table[:, 1] = words | (flags << np.uint64(32))
+        self.barriers = int(flags.sum())
 
     @property
     def kernels(self) -> int:
