@@ -98,6 +98,7 @@ class FakeRunner:
         self.prompts: list[str] = []
         self.avoided: list[tuple[str, frozenset]] = []
         self.calls = 0
+        self.entry = SimpleNamespace(draining=False)
 
     async def parse(self, body, chat):
         if body.get("max_tokens", 1) < 0:
@@ -335,3 +336,30 @@ def test_chain_streams_deltas_retries_and_steps(monkeypatch):
         ("step", "b"),
     ]
     assert events[1]["try"] == 2 and events[3]["state"] == "done" and events[4]["content"] == "X!"
+
+
+def test_batch_lines_wait_while_the_peer_drains(tmp_path):
+    """SIGTERM: the entry answers 503 to new requests; batch lines must not fail for that."""
+    runner = FakeRunner({"q1": [RequestError(503, "this peer is shutting down")]})
+    store, service = _service(tmp_path, runner, concurrency=1)
+    f = store.add_file("\n".join(line(f"q{i}") for i in range(3)).encode(), "in.jsonl", "batch")
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            real = runner.run
+
+            async def draining_after_q0(parsed, chat, **kw):
+                if kw.get("part") == "q1":
+                    runner.entry.draining = True
+                return await real(parsed, chat, **kw)
+
+            runner.run = draining_after_q0
+            b = service.create({"input_file_id": f["id"], "endpoint": "/v1/completions"})
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+            return b["id"]
+
+    bid = trio.run(main)
+    b = store.batch(bid)
+    assert b["status"] == "in_progress" and b["request_counts"] == {"total": 3, "completed": 1, "failed": 0}

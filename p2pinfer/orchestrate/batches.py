@@ -348,6 +348,7 @@ class BatchService:
             tracks.append(t)
 
         for attempt in range(TRIES):
+            await self._unless_draining()
             try:
                 parsed = await self.runner.parse(body, chat)
                 res = await self.runner.run(
@@ -364,6 +365,7 @@ class BatchService:
                                          "code": "model_not_found"}  # fmt: skip
                 break
             except RequestError as e:
+                await self._unless_draining()
                 status, err_body = e.status, {"message": str(e), "type": "server_error" if e.status >= 500 else
                                               "invalid_request_error", "param": None, "code": None}  # fmt: skip
                 if e.status not in RETRYABLE or attempt == TRIES - 1:
@@ -373,6 +375,12 @@ class BatchService:
                 await trio.sleep(max(e.retry_after or 0, RETRY_BACKOFF * (attempt + 1)))
         return {"id": line_id, "custom_id": cid, "response": {"status_code": status, "request_id": None,
                 "body": {"error": err_body}}, "error": None}, "errors"  # fmt: skip
+
+    async def _unless_draining(self) -> None:
+        """A peer shutting down (SIGTERM) takes no new requests: a batch line waits rather than failing,
+        and runs again when this peer restarts and resumes the batch."""
+        if getattr(self.runner.entry, "draining", False):
+            await trio.sleep_forever()
 
     def _finish(self, batch: dict, status: str) -> None:
         now = int(time.time())
