@@ -363,3 +363,22 @@ def test_batch_lines_wait_while_the_peer_drains(tmp_path):
     bid = trio.run(main)
     b = store.batch(bid)
     assert b["status"] == "in_progress" and b["request_counts"] == {"total": 3, "completed": 1, "failed": 0}
+
+
+def test_measurements_credit_rings_and_round_for_records():
+    from p2pinfer.orchestrate.measure import Measurements
+
+    m = Measurements("me")
+    done = SimpleNamespace(id="r1", state="done", ring=[["me", 0, 10], ["p2", 10, 30]],
+                           to_dict=lambda: {"tokens_per_second": 20.0})  # fmt: skip
+    failed = SimpleNamespace(
+        id="r2", state="error", ring=[["p3", 0, 30]], to_dict=lambda: {"tokens_per_second": 9}
+    )
+    m.observe_requests([done, failed])
+    m.observe_requests([done])  # counted once
+    assert m.tps == {"me": 20.0, "p2": 20.0}
+    m.observe_rtt("p2", 0.04)
+    m.observe_rtt("p3", 12.34)
+    assert m.published() == {"rtt": {"p2": 0.1, "p3": 12.0}, "tps": {"me": 20.0, "p2": 20.0}}
+    inputs = m.inputs([], {"p2": 1}, frozenset({"p3"}))
+    assert inputs.rtt_ms("me", "p3") == 12.34 and inputs.pending == {"p2": 1} and inputs.avoid == {"p3"}

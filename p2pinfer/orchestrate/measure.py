@@ -1,8 +1,9 @@
 """What the measured routing policies need, measured at this peer and published in its record.
 
-- Link RTT: every PROBE_INTERVAL this peer pings each connected peer in its view over libp2p's ping
-  protocol (one stream, PINGS round trips, timed here with perf_counter: the library reports whole
-  milliseconds, 0 on a LAN) and keeps the lowest, smoothed (EWMA).
+- Link RTT: every PROBE_INTERVAL this peer pings connected peers in its view (PROBES_PER_ROUND of
+  them, those measured longest ago first) over libp2p's ping protocol (one stream, PINGS round
+  trips, timed here with perf_counter: the library reports whole milliseconds, 0 on a LAN) and keeps
+  the lowest, smoothed (EWMA).
 - Tokens/s: requests entered here that finished (the OpenAI routes' recent list) give the decode
   rate of their ring; every member of the ring is credited with it (a ring is as fast as its
   slowest member, so a fast peer seen only in slow rings is underrated until it serves alone).
@@ -28,6 +29,7 @@ log = logging.getLogger("p2pinfer.measure")
 PROBE_INTERVAL = 5.0
 PROBE_TIMEOUT = 2.0
 PINGS = 3
+PROBES_PER_ROUND = 8  # peers pinged per PROBE_INTERVAL, the longest unmeasured first (100 peers: each ~1/min)
 EWMA = 0.3  # weight of a new sample
 PUBLISH_INTERVAL = 15.0
 
@@ -49,6 +51,7 @@ class Measurements:
         self.rtt: dict[str, float] = {}  # peer -> ms
         self.tps: dict[str, float] = {}  # peer -> tokens/s
         self._seen: set[str] = set()  # request ids already counted
+        self.probed_at: dict[str, float] = {}  # peer -> when last pinged (monotonic)
 
     def observe_requests(self, tracked) -> None:
         """Credit each finished request's ring members with its decode rate (once per request)."""
@@ -120,8 +123,12 @@ async def run_probes(measure: Measurements, host, peers, recent, publish) -> Non
             del measure.rtt[gone]
         for gone in set(measure.tps) - set(targets) - {measure.self_id}:
             del measure.tps[gone]
+        for gone in set(measure.probed_at) - set(targets):
+            del measure.probed_at[gone]
+        due = sorted(targets, key=lambda p: (measure.probed_at.get(p, -1e9), p))[:PROBES_PER_ROUND]
         async with trio.open_nursery() as nursery:
-            for peer in targets:
+            for peer in due:
+                measure.probed_at[peer] = time.monotonic()
 
                 async def probe(p=peer) -> None:
                     try:
