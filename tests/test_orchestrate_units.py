@@ -382,3 +382,18 @@ def test_measurements_credit_rings_and_round_for_records():
     assert m.published() == {"rtt": {"p2": 0.1, "p3": 12.0}, "tps": {"me": 20.0, "p2": 20.0}}
     inputs = m.inputs([], {"p2": 1}, frozenset({"p3"}))
     assert inputs.rtt_ms("me", "p3") == 12.34 and inputs.pending == {"p2": 1} and inputs.avoid == {"p3"}
+
+
+def test_fanout_retries_busy_branches_and_reports_errors():
+    from p2pinfer.orchestrate.fanout import run_fanout
+
+    busy = RequestError(429, "busy", retry_after=0.01)
+    runner = FakeRunner({"branch0": [busy, busy], "branch1": [RequestError(503, "no ring")],
+                         "branch2": [busy, busy, busy]})  # fmt: skip
+    bodies = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}, {"prompt": "a"}]
+    task = TaskRegistry().new("fanout")
+    out = trio.run(run_fanout, runner, task, "vote", False, bodies, bodies)
+    states = [b["state"] for b in out["branches"]]
+    assert states == ["done", "error", "error", "done"] and out["state"] == "done"
+    assert out["branches"][1]["error"].startswith("503") and out["branches"][2]["error"].startswith("429")
+    assert [p for p, _ in runner.avoided].count("branch0") == 3 and out["result"]["content"] == "A"

@@ -38,6 +38,7 @@ AGGREGATES = ("all", "first", "vote")
 SHORTHANDS = {"models": "model", "seeds": "seed", "temperatures": "temperature"}
 OWN_FIELDS = {"branches", "aggregate", "stream", "stream_options", *SHORTHANDS}
 DEFAULT_ROUTING = "least-loaded"
+BUSY_TRIES = 3  # a branch refused with 429 (this peer at --max-requests) starts again up to this often
 
 Emit = Callable[[dict], Awaitable[None]]
 
@@ -141,11 +142,20 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
             if emit is not None:
                 await emit({"type": "delta", "branch": i, "content": text})
 
-        try:
-            res = await runner.run(parsed[i], chat, task=task.id, part=f"branch{i}", on_text=on_text,
-                                   want_logprobs=aggregate == "vote", on_track=tracked)  # fmt: skip
-        except RequestError as e:
-            errors[i] = f"{e.status}: {e}"
+        res: Result | None = None
+        error: RequestError | None = None
+        for attempt in range(BUSY_TRIES):
+            try:
+                res = await runner.run(parsed[i], chat, task=task.id, part=f"branch{i}", on_text=on_text,
+                                       want_logprobs=aggregate == "vote", on_track=tracked)  # fmt: skip
+                break
+            except RequestError as e:
+                error = e
+                if e.status != 429 or attempt == BUSY_TRIES - 1:
+                    break
+                await trio.sleep(e.retry_after or 1.0)  # this peer is at --max-requests: wait a bit
+        if res is None:
+            errors[i] = f"{error.status}: {error}"
             if emit is not None:
                 await emit({"type": "branch", **branch_dict(i, bodies[i], None, "error", errors[i])})
             return
