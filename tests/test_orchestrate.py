@@ -180,6 +180,30 @@ def test_cancel_a_task_as_a_whole(env):
     ]
 
 
+def test_delete_one_part_cancels_only_that_part(env):
+    a = env["a"]
+    out = {}
+
+    def run():
+        out["r"] = post(a, "/v1/p2pinfer/fanout", {"prompt": "Once upon a time", "temperature": 0,
+                                                   "branches": [{"max_tokens": 400}, {"max_tokens": 12}]})  # fmt: skip
+
+    t = threading.Thread(target=run)
+    t.start()
+    tid = wait_for(lambda: next((x["id"] for x in a.get("/v1/p2pinfer/tasks")["data"]
+                                 if x["kind"] == "fanout" and x["state"] == "running"), None), 60, what="task")  # fmt: skip
+    parts = wait_for(lambda: (p := a.get(f"/v1/p2pinfer/tasks/{tid}")["parts"]) and len(p) == 2 and p, 60,
+                     what="both branches")  # fmt: skip
+    req = urllib.request.Request(a.url + f"/v1/requests/{parts['branch0']}", method="DELETE")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+    t.join(120)
+    status, body = out["r"]
+    assert status == 200 and body["state"] == "done"
+    assert [b["state"] for b in body["branches"]] == ["cancelled", "done"]
+    assert body["branches"][1]["usage"]["completion_tokens"] == 12
+
+
 def _batch_file(n: int, max_tokens: int, url: str = "/v1/chat/completions") -> io.BytesIO:
     lines = [{"custom_id": f"q{i}", "method": "POST", "url": url,
               "body": {"model": MODEL, "messages": [{"role": "user", "content": f"Count to {i + 2}."}],

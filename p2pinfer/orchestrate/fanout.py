@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from p2pinfer.api.openai import BadRequest
+from p2pinfer.api.openai import BadRequest, RequestCancelled
 from p2pinfer.orchestrate.runner import Result, Runner
 from p2pinfer.orchestrate.tasks import Task
 from p2pinfer.serve.entry import RequestError
@@ -132,6 +132,7 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
     started = time.monotonic()
     results: dict[int, Result] = {}
     errors: dict[int, str] = {}
+    dropped: set[int] = set()  # branches cancelled one by one (DELETE /v1/requests/{id})
     finished_order: list[int] = []
 
     async def branch(i: int, nursery: trio.Nursery) -> None:
@@ -156,8 +157,11 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
                 await trio.sleep(e.retry_after or 1.0)  # this peer is at --max-requests: wait a bit
         if res is None:
             errors[i] = f"{error.status}: {error}"
+            if isinstance(error, RequestCancelled):
+                dropped.add(i)
+            state = "cancelled" if i in dropped else "error"
             if emit is not None:
-                await emit({"type": "branch", **branch_dict(i, bodies[i], None, "error", errors[i])})
+                await emit({"type": "branch", **branch_dict(i, bodies[i], None, state, errors[i])})
             return
         results[i] = res
         finished_order.append(i)
@@ -176,7 +180,9 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
         if i in results:
             out_branches.append(branch_dict(i, bodies[i], results[i], "done", None))
         elif i in errors:
-            out_branches.append(branch_dict(i, bodies[i], None, "error", errors[i]))
+            out_branches.append(
+                branch_dict(i, bodies[i], None, "cancelled" if i in dropped else "error", errors[i])
+            )
         else:
             out_branches.append(branch_dict(i, bodies[i], None, "cancelled", None))
     body = {"id": task.id, "object": "p2pinfer.fanout", "created": int(task.created), "aggregate": aggregate,

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from p2pinfer.api.openai import BadRequest, OpenAIRoutes, Parsed, StopMatcher, Tracked, _message_text
+from p2pinfer.api.openai import (
+    BadRequest,
+    OpenAIRoutes,
+    Parsed,
+    RequestCancelled,
+    StopMatcher,
+    Tracked,
+    _message_text,
+)
 from p2pinfer.serve.entry import Generation, RequestError
 from p2pinfer.tasks import open_nursery
 
@@ -167,39 +175,43 @@ class Runner:
         try:
             await self._gate.acquire()
             gate_held = True
-            async with open_nursery() as nursery:
-                nursery.start_soon(open_gate_once_elected)
-                try:
-                    async with self.entry.generate(gen) as events:
-                        async for ev in events:
-                            if ev.kind == "error":
-                                failure = ev.error
-                                break
-                            if ev.kind == "done":
-                                finish = ev.reason
-                                break
-                            now = time.monotonic()
-                            if track.first_token_at is None:
-                                track.first_token_at, track.state = now, "generating"
-                                metrics.ttft.labels(p.model).observe(now - track.started)
-                            track.last_token_at, track.tokens = now, track.tokens + 1
-                            if ev.logprob is not None:
-                                lps.append(float(ev.logprob))
-                            text, stopped = stops.feed(decoder.feed(ev.token))
-                            await out(text)
-                            if stopped:
-                                finish = "stop"
-                                break
-                finally:
-                    open_gate()
-                    nursery.cancel_scope.cancel()
+            with track.scope:  # DELETE /v1/requests/{id} cancels this part alone
+                async with open_nursery() as nursery:
+                    nursery.start_soon(open_gate_once_elected)
+                    try:
+                        async with self.entry.generate(gen) as events:
+                            async for ev in events:
+                                if ev.kind == "error":
+                                    failure = ev.error
+                                    break
+                                if ev.kind == "done":
+                                    finish = ev.reason
+                                    break
+                                now = time.monotonic()
+                                if track.first_token_at is None:
+                                    track.first_token_at, track.state = now, "generating"
+                                    metrics.ttft.labels(p.model).observe(now - track.started)
+                                track.last_token_at, track.tokens = now, track.tokens + 1
+                                if ev.logprob is not None:
+                                    lps.append(float(ev.logprob))
+                                text, stopped = stops.feed(decoder.feed(ev.token))
+                                await out(text)
+                                if stopped:
+                                    finish = "stop"
+                                    break
+                    finally:
+                        open_gate()
+                        nursery.cancel_scope.cancel()
+            if track.scope.cancelled_caught:
+                raise RequestCancelled(f"request {rid} was cancelled (DELETE /v1/requests/{rid})")
             if failure is not None:
                 raise failure
             if not stopped:
                 await out(stops.feed(decoder.flush())[0] + stops.flush())
             track.state, track.finish = "done", finish
-        except RequestError:
-            track.state, track.finish = "error", "error"
+        except RequestError as e:
+            gone = isinstance(e, RequestCancelled)
+            track.state, track.finish = ("cancelled", "cancelled") if gone else ("error", "error")
             raise
         finally:
             open_gate()
