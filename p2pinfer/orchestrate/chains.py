@@ -27,7 +27,7 @@ import uuid
 
 import trio
 
-from p2pinfer.api.openai import BadRequest
+from p2pinfer.api.openai import BadRequest, RequestCancelled
 from p2pinfer.orchestrate.runner import RETRYABLE, Result, Runner
 from p2pinfer.orchestrate.tasks import Task
 from p2pinfer.serve.entry import RequestError
@@ -228,7 +228,7 @@ async def run_chain(runner: Runner, task: Task, body: dict, steps: list[dict], d
                             )
                         await trio.sleep(RETRY_BACKOFF * (attempt + 1))
                         continue
-                    me["state"] = "error"
+                    me["state"] = "cancelled" if isinstance(e, RequestCancelled) else "error"
                     return
                 outputs[name] = res.text
                 me.pop("error", None)
@@ -242,7 +242,7 @@ async def run_chain(runner: Runner, task: Task, body: dict, steps: list[dict], d
             if me["state"] in ("waiting", "running"):
                 me["state"] = "cancelled"
             done[name].set()
-            if emit is not None and me["state"] != "cancelled":
+            if emit is not None and not task.scope.cancel_called:  # the whole chain cancelled: nobody listens
                 await emit({"type": "step", "step": name, **me})
 
     with task.scope:
