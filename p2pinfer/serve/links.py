@@ -16,8 +16,12 @@ import numpy as np
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
+from p2pinfer.net.host import connection_dying, drop_dying_connections
 from p2pinfer.net.wire import Frame, FrameError, FrameReader, StreamClosed, encode_frame
 from p2pinfer.tasks import open_nursery
 
@@ -25,6 +29,17 @@ log = logging.getLogger("p2pinfer.links")
 
 RING_PROTOCOL = TProtocol("/p2pinfer/ring/1.0.0")
 INBOX_FRAMES = 256
+OPEN_TRIES = 3
+
+
+def _transport_broke(e: BaseException) -> bool:
+    """True when an error from a stream was caused by its connection's socket failing."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (ConnectionClosedError, RawConnError, OSError)):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 class LinkClosed(Exception):
@@ -52,9 +67,24 @@ class RemoteLink(Link):
         self._tx, self._rx = trio.open_memory_channel[Frame](INBOX_FRAMES)
         self.closed_reason = "closed"
 
+    def _connection_lost(self) -> bool:
+        swarm_conn = getattr(self.stream, "swarm_conn", None)
+        return swarm_conn is not None and connection_dying(swarm_conn)
+
+    async def _read(self) -> bytes:
+        # py-libp2p ends a stream with StreamEOF, whether the peer closed it (FIN) or the connection
+        # under it is gone (then the closing end's readers see EOF too, not a reset); only the first
+        # is a clean end, so only it becomes b"" (FrameReader: "closed" between frames, an error inside).
+        try:
+            return await self.stream.read()
+        except StreamEOF:
+            if self._connection_lost():
+                raise
+            return b""
+
     async def pump(self) -> None:
         """Read frames as they arrive, whatever the consumer is doing."""
-        reader = FrameReader(lambda: self.stream.read())
+        reader = FrameReader(self._read)
         try:
             while True:
                 frame = await reader.read_frame()
@@ -67,8 +97,9 @@ class RemoteLink(Link):
             await self._reset()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except Exception as e:  # reset, EOF mid-read, connection gone: all mean "peer lost"
-            self.closed_reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        except Exception as e:  # reset, connection gone: "peer lost", saying which
+            what = "connection lost" if self._connection_lost() else type(e).__name__
+            self.closed_reason = f"{what} ({type(e).__name__}: {e})" if str(e) else what
         finally:
             self._tx.close()
 
@@ -85,7 +116,8 @@ class RemoteLink(Link):
             try:
                 await self.stream.write(data)
             except Exception as e:
-                raise LinkClosed(f"send to {self.peer} failed: {type(e).__name__}: {e}") from e
+                what = "connection lost: " if self._connection_lost() or _transport_broke(e) else ""
+                raise LinkClosed(f"send to {self.peer} failed: {what}{type(e).__name__}: {e}") from e
 
     async def recv(self) -> Frame:
         try:
@@ -163,21 +195,32 @@ class Linker:
             await link.aclose()
 
     async def _new_stream(self, peer: ID, timeout: float) -> INetStream:
-        """A ring stream to `peer`; if the connection turns out dead, drop it, redial, try once more."""
-        for attempt in (1, 2):
-            try:
-                with trio.fail_after(timeout):
+        """A ring stream to `peer` within `timeout`, tried up to OPEN_TRIES times. Between tries,
+        connections to it that are closing (py-libp2p lists them a moment longer: `SwarmException:
+        Failed to create stream`, "No valid connections", or the stream's protocol negotiation cut
+        off) are dropped, so the next try dials afresh.
+
+        A healthy connection is never closed here: it carries the other requests' ring streams, and
+        closing it ended every one of them (StreamEOF at this end, reset at the other), whose members
+        then reconnected too, closing theirs: one slow open under load became a cascade. A peer too
+        slow to open a stream within `timeout` is reported as such; the entry replays without it."""
+        with trio.move_on_after(timeout):
+            for attempt in range(1, OPEN_TRIES + 1):
+                try:
                     if self.ensure_connected is not None:
                         await self.ensure_connected(peer)
                     return await self.host.new_stream(peer, [RING_PROTOCOL])
-            except Exception as e:
-                if attempt == 2:
-                    raise LinkClosed(f"cannot open a ring stream to {peer}: {type(e).__name__}: {e}") from e
-                # py-libp2p can keep a connection that looks open but no longer carries streams
-                log.info("ring stream to %s failed (%s: %s); reconnecting", peer, type(e).__name__, e)
-                with trio.move_on_after(2):
-                    await self.host.get_network().close_peer(peer)
-        raise AssertionError("unreachable")
+                except Exception as e:
+                    if attempt == OPEN_TRIES:
+                        raise LinkClosed(
+                            f"cannot open a ring stream to {peer}: {type(e).__name__}: {e}"
+                        ) from e
+                    # a connection closed by the peer is marked closing only once its GO_AWAY is read
+                    await trio.sleep(0.05 * attempt)
+                    dropped = await drop_dying_connections(self.host, peer)
+                    log.info("ring stream to %s failed (%s: %s)%s", peer, type(e).__name__, e,
+                             f"; dropped {dropped} closing connection(s)" if dropped else "")  # fmt: skip
+        raise LinkClosed(f"no ring stream to {peer} within {timeout:g} s")
 
     @asynccontextmanager
     async def open(self, peer: str, connect_timeout: float = 10.0) -> AsyncIterator[Link]:
