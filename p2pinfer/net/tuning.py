@@ -33,9 +33,11 @@ acknowledged differently (tests/test_net_tuning.py runs both directions against 
    buffer out in 64 KiB slices and appends each to a bytes object (quadratic: with a few MiB
    buffered, reading them cost ~13 ms per call and bulk fell to a few MB/s) and runs the window
    bookkeeping once per slice; ours copies once and does the bookkeeping once.
-6. No log formatting on the hot path. yamux's `_write_frame` and Noise's `read_msg` build
-   f-string debug messages (and decode the yamux header just to name its flags) on every frame,
-   whether or not DEBUG is on; ours do that only when DEBUG is enabled for their loggers.
+6. No log formatting on the hot path, and no scheduler pass a frame write does not need. yamux's
+   `_write_frame` and Noise's `read_msg` build f-string debug messages (and decode the yamux header
+   just to name its flags) on every frame, whether or not DEBUG is on; ours do that only when DEBUG
+   is enabled for their loggers. `_write_frame` also took its lock and then yielded once more after
+   the socket write; ours takes a free lock without a trip through trio's run loop.
 
 `apply()` is idempotent, patches nothing on any other py-libp2p version (it logs why), and is called
 by `net.host.build_host` unless P2PINFER_LIBP2P_TUNING=0 (the escape hatch, and how the tests run
@@ -166,17 +168,25 @@ def _buffered_noise_reads() -> None:
 
 
 def _quiet_yamux_writes() -> None:
+    import trio
     from libp2p.stream_muxer.yamux import yamux
-    from trio.lowlevel import checkpoint
 
     original = yamux.Yamux._write_frame  # decodes each header only to log it
 
     async def _write_frame(self, data: bytes) -> None:
         if yamux.logger.isEnabledFor(logging.DEBUG):
             return await original(self, data)
-        async with self._write_lock:
+        # The socket write below yields to the scheduler anyway; a free lock need not do so too
+        # (nor the extra checkpoint after the write: each costs a pass through trio's run loop).
+        lock = self._write_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             await self.secured_conn.write(data)
-        await checkpoint()
+        finally:
+            lock.release()
 
     yamux.Yamux._write_frame = _write_frame
 
