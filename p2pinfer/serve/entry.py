@@ -7,6 +7,7 @@ string) cancels the ring, which makes every member free its KV session.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -31,7 +32,7 @@ log = logging.getLogger("p2pinfer.entry")
 READY_TIMEOUT = 300.0  # a member may load and compile its shard first
 FIRST_TOKEN_TIMEOUT = 120.0
 TOKEN_TIMEOUT = 30.0
-MAX_REPLAYS = 3
+MAX_REPLAYS = 6  # ring failures in a row without a new token before a request gives up
 REPLAY_BACKOFF = 0.5  # seconds, times the attempt number: the first replay starts at once
 KV_HEADROOM_TOKENS = 2048  # KV each member must have room for, on top of its weights
 
@@ -179,8 +180,10 @@ class EntryService:
         excluded: set[str] = set()
         ring: list[RingMember] = []
         lost = ""
+        stalled = 0  # failures in a row with no token in between: a request that progresses never gives up
         async with tx:
-            for attempt in range(MAX_REPLAYS + 1):
+            for attempt in itertools.count():
+                before = len(generated)
                 try:
                     if lost:
                         ring = self.replacement_ring(entry, ring, excluded, lost, gen.routing)
@@ -202,13 +205,17 @@ class EntryService:
                     log.warning("request %s: %s", rid[:12], e)
                     excluded.add(e.peer)
                     lost = e.peer
-                    await trio.sleep(REPLAY_BACKOFF * attempt)  # a member still tearing down the last try
+                    stalled = 1 if len(generated) > before else stalled + 1
+                    if stalled > MAX_REPLAYS:
+                        log.warning("request %s: %d rings failed in a row; giving up", rid[:12], stalled)
+                        await tx.send(Event("error", error=RequestError(
+                            503, f"{stalled} rings failed in a row without a token; giving up", retry_after=5)))  # fmt: skip
+                        return
+                    # a member still tearing down the last try, or a connection being redialled
+                    await trio.sleep(min(2.0, REPLAY_BACKOFF * (stalled - 1)))
                 except RequestError as e:
                     await tx.send(Event("error", error=e))
                     return
-            await tx.send(
-                Event("error", error=RequestError(503, f"ring failed {MAX_REPLAYS + 1} times; giving up"))
-            )
 
     async def _run_ring(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
                         generated: list[int], tx: trio.MemorySendChannel) -> str:  # fmt: skip
@@ -279,7 +286,7 @@ class EntryService:
             frame = await link.recv()
         except LinkClosed as e:
             raise MemberFailed(link.peer, str(e)) from e
-        raise MemberFailed(link.peer, f"{frame.header.get('t')}: {frame.header.get('msg')}")
+        raise _member_error(link.peer, frame.header)
 
     async def _receive_tokens(self, link: Link, generated: list[int], tx, finish: list[str]) -> None:
         timeout = FIRST_TOKEN_TIMEOUT
@@ -303,7 +310,16 @@ class EntryService:
                 finish.append(str(frame.header.get("reason", "stop")))
                 return
             else:
-                raise MemberFailed(link.peer, f"{kind}: {frame.header.get('msg')}")
+                raise _member_error(link.peer, frame.header)
+
+
+def _member_error(peer: str, header: dict) -> MemberFailed:
+    """What a member's unexpected frame means: an error naming a lost neighbour blames that neighbour
+    (the member itself is fine and only reports it), anything else blames the member."""
+    lost = header.get("lost")
+    if header.get("t") == P.ERROR and isinstance(lost, str) and lost and lost != peer:
+        return MemberFailed(lost, f"reported by {peer[-6:]}: {header.get('msg')}")
+    return MemberFailed(peer, f"{header.get('t')}: {header.get('msg')}")
 
 
 @contextmanager

@@ -8,6 +8,7 @@ closes it (finished, cancelled, client gone) or dies, the member stops and frees
 from __future__ import annotations
 
 import logging
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,36 @@ log = logging.getLogger("p2pinfer.member")
 
 INBOUND_TIMEOUT = 30.0  # the previous member connects right after `start`
 LINGER_TIMEOUT = 30.0  # how long a finished member waits for the entry to close the request
+
+
+class NeighbourLost(Exception):
+    """The member before or after us in the ring is gone: the entry must route around *it*, not us."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"neighbour {peer} lost: {reason}")
+        self.peer = peer
+
+
+class _Blaming(Link):
+    """A link to a ring neighbour whose failure names the neighbour (our control link's does not)."""
+
+    def __init__(self, link: Link) -> None:
+        self.link, self.peer = link, link.peer
+
+    async def send(self, header: dict, tensor: np.ndarray | None = None) -> None:
+        try:
+            await self.link.send(header, tensor)
+        except LinkClosed as e:
+            raise NeighbourLost(self.peer, str(e)) from e
+
+    async def recv(self):
+        try:
+            return await self.link.recv()
+        except LinkClosed as e:
+            raise NeighbourLost(self.peer, str(e)) from e
+
+    async def aclose(self) -> None:
+        await self.link.aclose()
 
 
 @dataclass
@@ -89,8 +120,9 @@ class Member:
     async def _wait_inbound(self, active: _Active) -> Link:
         with trio.move_on_after(INBOUND_TIMEOUT):
             await active.inbound_ready.wait()
-            return active.inbound
-        raise LinkClosed(f"previous member never connected for request {active.req.rid[:12]}")
+            return _Blaming(active.inbound)
+        req = active.req
+        raise NeighbourLost(req.ring[req.index - 1][0], f"it never connected for request {req.rid[:12]}")
 
     # --- control link: the whole life of our part of a request -------------
     async def _serve_control(self, control: Link, header: dict) -> None:
@@ -145,6 +177,14 @@ class Member:
             await self._run(control, active, shard, start.tensor, params)
         except LinkClosed as e:
             log.info("request %s: our part ended early: %s", req.rid[:12], e)
+        except NeighbourLost as e:
+            # tell the entry whom to route around; closing silently would make it blame us
+            log.info("request %s: our part ended early: %s", req.rid[:12], e)
+            with trio.move_on_after(2):
+                try:
+                    await control.send({"t": P.ERROR, "code": 502, "msg": str(e), "lost": e.peer})
+                except LinkClosed:
+                    pass
         except EngineError as e:
             log.warning("request %s failed in the engine: %s", req.rid[:12], e)
             with trio.move_on_after(2):
@@ -180,7 +220,11 @@ class Member:
                 await self._run_single(control, req, shard, prompt, params)
             else:
                 assert self.linker is not None
-                async with self.linker.open(req.peer_after()) as out:
+                async with AsyncExitStack() as stack:
+                    try:
+                        out = _Blaming(await stack.enter_async_context(self.linker.open(req.peer_after())))
+                    except LinkClosed as e:
+                        raise NeighbourLost(req.peer_after(), str(e)) from e
                     await out.send({"t": P.DATA, "rid": req.rid})
                     if req.is_first:
                         await self._run_first(active, shard, prompt, out)
