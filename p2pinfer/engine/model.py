@@ -90,13 +90,13 @@ def transformer_block(
     if keys.dtype != dtypes.float32:
         keys, values = keys.float(), values.float()
 
-    if T == 1 and mask is None and not isinstance(start_pos, int):  # decode: one native kernel (native.py)
+    if not isinstance(start_pos, int):  # causal attention over the cache as one native kernel (native.py)
         from tinygrad.helpers import NUM_CPU_THREADS
 
-        attn = native.attention(q.reshape(H * hd), kv, start_pos, H, KV, hd, 1.0 / math.sqrt(hd),
-                                max(1, NUM_CPU_THREADS.value))  # fmt: skip
+        attn = native.attention(q.reshape(H * T * hd), kv, start_pos, H, KV, hd, 1.0 / math.sqrt(hd),
+                                max(1, NUM_CPU_THREADS.value), T)  # fmt: skip
         if attn is not None:
-            x = x + linear(attn.reshape(1, H * hd), w["o"])
+            x = x + linear(attn.reshape(T, H * hd), w["o"])
             h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
             ff = linear(linear(h, w["gate"]).silu() * linear(h, w["up"]), w["down"])
             return (x + ff).contiguous()

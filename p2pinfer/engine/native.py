@@ -151,6 +151,98 @@ def c_source(name: str, qt, n: int, k: int, slots: list[str], slices: int) -> st
     return "\n".join(lines) + "\n"
 
 
+# T > 1 (prefill): one block of a weight row is dequantised once into two scaled float vectors and used for TILE
+# rows of x (TILE accumulators), instead of once per x row
+TILE = 8
+
+_DEQUANT = {  # weight row j, block b -> wl{j}, wh{j}: its 32 floats (scaled), as two 16-lane vectors
+    Q.Q4_0: """
+        u8x16 q{j} = ldq(qs + (bp{j} + b) * 16); const float d{j} = d[bp{j} + b];
+        f32x16 wl{j} = __builtin_convertvector((i8x16)(q{j} & 15) - 8, f32x16) * d{j};
+        f32x16 wh{j} = __builtin_convertvector((i8x16)(q{j} >> 4) - 8, f32x16) * d{j};""",
+    Q.Q4_1: """
+        u8x16 q{j} = ldq(qs + (bp{j} + b) * 16); const float d{j} = d[bp{j} + b], m{j} = h2f(m[bp{j} + b]);
+        f32x16 wl{j} = __builtin_convertvector(q{j} & 15, f32x16) * d{j} + m{j};
+        f32x16 wh{j} = __builtin_convertvector(q{j} >> 4, f32x16) * d{j} + m{j};""",
+    Q.Q8_0: """
+        const signed char *p{j} = qs + (bp{j} + b) * 32; const float d{j} = d[bp{j} + b];
+        f32x16 wl{j} = __builtin_convertvector(ldi(p{j}), f32x16) * d{j};
+        f32x16 wh{j} = __builtin_convertvector(ldi(p{j} + 16), f32x16) * d{j};""",
+}
+_DEQUANT_AVX512 = {
+    Q.Q4_0: """
+        __m512i q{j} = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + (bp{j} + b) * 16)));
+        const float d{j} = d[bp{j} + b];
+        f32x16 wl{j} = (f32x16)_mm512_permutexvar_ps(q{j}, tbl) * d{j};
+        f32x16 wh{j} = (f32x16)_mm512_permutexvar_ps(_mm512_srli_epi32(q{j}, 4), tbl) * d{j};""",
+    Q.Q4_1: """
+        __m512i q{j} = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qs + (bp{j} + b) * 16)));
+        const float d{j} = d[bp{j} + b], m{j} = _cvtsh_ss(m[bp{j} + b]);
+        f32x16 wl{j} = (f32x16)_mm512_permutexvar_ps(q{j}, tbl) * d{j} + m{j};
+        f32x16 wh{j} = (f32x16)_mm512_permutexvar_ps(_mm512_srli_epi32(q{j}, 4), tbl) * d{j} + m{j};""",
+}
+
+
+def c_source_batched(name: str, qt, n: int, k: int, t: int, slots: list[str], slices: int) -> str:
+    """C source of `name`: y[T, N] = x[T, K] W[N, K]^T for the rows (N) of slice core_id of `slices`:
+    BROWS weight rows x TILE rows of x per pass (each x load serves BROWS rows, each dequantised block TILE)."""
+    nb = k // 32
+    lines = [
+        "#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif",
+        _PRELUDE,
+        f"void {name}({_params(qt, slots)}) {{",
+    ]
+    if qt in _TABLE:
+        vals = ", ".join(f"{i + _TABLE[qt]}.0f" for i in range(16))
+        lines.append(f"#if defined(__AVX512F__)\n  const __m512 tbl = _mm512_setr_ps({vals});\n#endif")
+    lines.append(
+        f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});"
+    )
+    lines.append("  int r = r0;")
+
+    def dequant(j: int) -> list[str]:
+        if PERMUTE and qt in _DEQUANT_AVX512:
+            avx = _DEQUANT_AVX512[qt].format(j=j)
+            return ["#if defined(__AVX512F__)", avx, "#else", _DEQUANT[qt].format(j=j), "#endif"]
+        return [_DEQUANT[qt].format(j=j)]
+
+    def rows_loop(rb: int) -> None:
+        lines.append(f"  for (; r + {rb} <= r1; r += {rb}) {{")
+        lines.append("    " + " ".join(f"const long bp{j} = (long)(r + {j}) * {nb};" for j in range(rb)))
+        for t0 in range(0, t, TILE):
+            tt = min(TILE, t - t0)
+            lines.append("    {")
+            lines.append(
+                "      " + " ".join(f"f32x16 a{j}_{i} = {{0}};" for j in range(rb) for i in range(tt))
+            )
+            lines.append(f"      for (int b = 0; b < {nb}; b++) {{")
+            for j in range(rb):
+                lines.extend(dequant(j))
+            for i in range(tt):
+                xo = f"x + {(t0 + i) * k} + b * 32"
+                lines.append(f"        {{ f32x16 xl = ldx({xo}), xh = ldx({xo} + 16);")
+                for j in range(rb):
+                    lines.append(
+                        f"          a{j}_{i} = a{j}_{i} + wl{j} * xl; a{j}_{i} = a{j}_{i} + wh{j} * xh;"
+                    )
+                lines.append("        }")
+            lines.append("      }")
+            for i in range(tt):
+                for j in range(rb):
+                    lines.append(f"      out[{(t0 + i) * n} + r + {j}] = hsum(a{j}_{i});")
+            lines.append("    }")
+        lines.append("  }")
+
+    rows_loop(BROWS)
+    if BROWS > 1:
+        rows_loop(1)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+BROWS = 2
+
+
 _CLANG = {}
 
 
@@ -164,10 +256,13 @@ def _clang_renderer(renderer):
 
 
 def supported(qt, n: int, k: int, t: int) -> bool:
-    return t == 1 and qt in NATIVE_TYPES and k % 32 == 0 and n >= 1
+    return (t == 1 or BATCHED) and qt in NATIVE_TYPES and k % 32 == 0 and n >= 1
 
 
-def program_for(ast, renderer, qt, n: int, k: int, slots: list[str]):
+BATCHED = True  # T > 1 too (c_source_batched)
+
+
+def program_for(ast, renderer, qt, n: int, k: int, slots: list[str], t: int = 1):
     """A compiled PROGRAM UOp running our C body with the signature tinygrad gives `ast` (a SINK with opts)."""
     from tinygrad.codegen import to_program
     from tinygrad.uop.ops import Ops, UOp
@@ -185,12 +280,16 @@ def program_for(ast, renderer, qt, n: int, k: int, slots: list[str]):
     if info.vars and (len(info.vars) != 1 or info.vars[0].expr != "core_id"):
         raise RuntimeError(f"unexpected kernel variables {info.vars}")
     slices = int(info.global_size[0]) if info.vars else 1
+
+    def source(slices: int) -> str:
+        if t == 1:
+            return c_source(info.function_name, qt, n, k, slots, slices)
+        return c_source_batched(info.function_name, qt, n, k, t, slots, slices)
+
     if not info.vars:  # one slice: still take core_id (always 0 here) so one body serves both
-        csrc = c_source(info.function_name, qt, n, k, slots, 1).replace(
-            ", const int core_id) {", ") {\n  const int core_id = 0;", 1
-        )
+        csrc = source(1).replace(", const int core_id) {", ") {\n  const int core_id = 0;", 1)
     else:
-        csrc = c_source(info.function_name, qt, n, k, slots, slices)
+        csrc = source(slices)
     binary = clang.compiler.compile_cached(csrc)
     return prg.replace(src=(prg.src[0], prg.src[1], UOp(Ops.SOURCE, arg=csrc), UOp(Ops.BINARY, arg=binary)))
 
@@ -218,18 +317,20 @@ static inline f32x16 vexp(f32x16 x) { /* e^x for x <= 0: 2^k * e^f, |f| <= ln2/2
 
 
 def attention_source(name: str, params: list[str], heads: int, kv_heads: int, head_dim: int, positions: int,
-                     scale: float, slices: int) -> str:  # fmt: skip
-    """softmax(q K^T * scale) V for each query head of slice core_id, over KV positions 0..start_pos."""
+                     scale: float, slices: int, t: int = 1) -> str:  # fmt: skip
+    """softmax(q K^T * scale) V for each query head of slice core_id and each of the T query rows (row i at
+    position start_pos + i, causal: it sees KV positions 0..start_pos + i). q (heads, T, head_dim), out
+    (T, heads, head_dim)."""
     hv, group = head_dim // 16, heads // kv_heads
     cap = (positions + 15) // 16 * 16
     body = f"""
 void {name}({", ".join(params)}) {{
-  const int n = start_pos + 1;
   const int h0 = (core_id * {heads}) / {slices}, h1 = ((core_id + 1) * {heads}) / {slices};
   float s[{cap}];
-  for (int h = h0; h < h1; h++) {{
+  for (int h = h0; h < h1; h++) for (int t = 0; t < {t}; t++) {{
+    const int n = start_pos + t + 1;
     const int g = h / {group};
-    const float *qh = q + h * {head_dim};
+    const float *qh = q + (h * {t} + t) * {head_dim};
     const float *K = kv + (long)g * {positions * head_dim}, *V = kv + (long)({kv_heads} + g) * {positions * head_dim};
     f32x16 qv[{hv}], o[{hv}];
     for (int i = 0; i < {hv}; i++) {{ qv[i] = ldx(qh + 16 * i) * {scale!r}f; o[i] = (f32x16){{0}}; }}
@@ -255,7 +356,7 @@ void {name}({", ".join(params)}) {{
       for (int i = 0; i < {hv}; i++) o[i] += w * ldx(vp + 16 * i);
     }}
     const float inv = 1.0f / sum;
-    for (int i = 0; i < {hv}; i++) {{ f32x16 r = o[i] * inv; __builtin_memcpy(out + h * {head_dim} + 16 * i, &r, 64); }}
+    for (int i = 0; i < {hv}; i++) {{ f32x16 r = o[i] * inv; __builtin_memcpy(out + (t * {heads} + h) * {head_dim} + 16 * i, &r, 64); }}
   }}
 }}
 """
@@ -265,21 +366,24 @@ void {name}({", ".join(params)}) {{
 _ATTN: dict = {}
 
 
-def attention(q, kv, start_pos, heads: int, kv_heads: int, head_dim: int, scale: float, threads: int):
-    """Decode attention as one native kernel: q (heads*head_dim,) float32 after rotary, kv the layer's cache
-    (2, kv_heads, positions, head_dim) float32 (this token's K/V already stored), start_pos the bound position
-    variable. Returns (heads*head_dim,) float32, or None where this kernel does not apply (then the caller
-    writes attention in tinygrad)."""
+def attention(
+    q, kv, start_pos, heads: int, kv_heads: int, head_dim: int, scale: float, threads: int, t: int = 1
+):
+    """Causal attention over the KV cache as one native kernel: q (heads*T*head_dim,) float32 after rotary
+    ((heads, T, head_dim) flattened), kv the layer's cache (2, kv_heads, positions, head_dim) float32 (this
+    chunk's K/V already stored), start_pos the bound position variable of q's first row. Returns
+    (T*heads*head_dim,) float32 ((T, heads, head_dim) flattened), or None where this kernel does not apply
+    (then the caller writes attention in tinygrad)."""
     from tinygrad import Tensor, dtypes
 
     if head_dim % 16 or heads % kv_heads or kv.dtype != dtypes.float32 or not USE_ATTENTION:
         return None
     positions = kv.shape[2]
-    key = (heads, kv_heads, head_dim, positions, scale, threads, q.device)
+    key = (heads, kv_heads, head_dim, positions, scale, threads, t, q.device)
     if key not in _ATTN:
         try:
             _ATTN[key] = _attention_program(
-                q.device, start_pos, heads, kv_heads, head_dim, positions, scale, threads
+                q.device, start_pos, heads, kv_heads, head_dim, positions, scale, threads, t
             )
         except Exception as e:
             import warnings
@@ -290,7 +394,11 @@ def attention(q, kv, start_pos, heads: int, kv_heads: int, head_dim: int, scale:
     if built is None:
         return None
     prg, slots = built
-    srcs = {"out": Tensor.empty(heads * head_dim, dtype=dtypes.float32, device=q.device), "q": q, "kv": kv}
+    srcs = {
+        "out": Tensor.empty(t * heads * head_dim, dtype=dtypes.float32, device=q.device),
+        "q": q,
+        "kv": kv,
+    }
     outs = Tensor.custom_kernel(*[srcs[s] for s in slots], fxn=lambda *_: prg)
     return outs[slots.index("out")]
 
@@ -298,7 +406,7 @@ def attention(q, kv, start_pos, heads: int, kv_heads: int, head_dim: int, scale:
 USE_ATTENTION = True
 
 
-def _attention_program(device, start_pos, heads, kv_heads, head_dim, positions, scale, threads):
+def _attention_program(device, start_pos, heads, kv_heads, head_dim, positions, scale, threads, t):
     """A one-kernel tinygrad expression with the same buffers and variables (out, q, kv; start_pos, core_id),
     scheduled and rendered for its signature; then our body compiled in its place (as program_for does)."""
     from tinygrad import Device, Tensor, dtypes
@@ -311,11 +419,11 @@ def _attention_program(device, start_pos, heads, kv_heads, head_dim, positions, 
     from .quant import _preprocess
 
     group = heads // kv_heads
-    qd = Tensor.empty(heads * head_dim, dtype=dtypes.float32, device=device)
+    qd = Tensor.empty(t * heads * head_dim, dtype=dtypes.float32, device=device)
     kd = Tensor.empty(2, kv_heads, positions, head_dim, dtype=dtypes.float32, device=device)
     one = kd[0:1, 0:1, start_pos : start_pos + 1, 0:1].reshape(1)  # reads kv at start_pos: the variable
-    y = qd.reshape(kv_heads, group, head_dim) + one.reshape(1, 1, 1).expand(kv_heads, group, head_dim)
-    y = y.reshape(heads * head_dim)
+    y = qd.reshape(kv_heads, group * t, head_dim) + one.reshape(1, 1, 1).expand(kv_heads, group * t, head_dim)
+    y = y.reshape(t * heads * head_dim)
     saved, realize.capturing[:] = list(realize.capturing), []
     try:
         lin, _ = y.linear_with_vars()
@@ -367,11 +475,11 @@ def _attention_program(device, start_pos, heads, kv_heads, head_dim, positions, 
     slices = int(info.global_size[0]) if "core_id" in var_names.values() else 1
     if slices == 1 and "core_id" not in var_names.values():
         params_src = ", ".join(params)
-        src = attention_source(info.function_name, params, heads, kv_heads, head_dim, positions, scale, 1)
+        src = attention_source(info.function_name, params, heads, kv_heads, head_dim, positions, scale, 1, t)
         src = src.replace(f"({params_src}) {{", f"({params_src}) {{\n  const int core_id = 0;", 1)
     else:
         src = attention_source(
-            info.function_name, params, heads, kv_heads, head_dim, positions, scale, slices
+            info.function_name, params, heads, kv_heads, head_dim, positions, scale, slices, t
         )
     binary = clang.compiler.compile_cached(src)
     return prg.replace(

@@ -1,0 +1,76 @@
+"""The hand-written kernels (p2pinfer.engine.native) against numpy references."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import p2pinfer.engine  # noqa: F401  (chooses tinygrad's device before tinygrad is imported)
+from p2pinfer.engine import native, quant
+
+tinygrad = pytest.importorskip("tinygrad")
+from tinygrad import Context, Tensor, UOp  # noqa: E402
+
+
+def _reference(qn, kvn, start, heads, kv_heads, hd):
+    t = qn.shape[1]
+    out = np.zeros((t, heads, hd), np.float64)
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        for i in range(t):
+            n = start + i + 1  # causal: query row i is position start + i
+            s = kvn[0, g, :n].astype(np.float64) @ qn[h, i] / math.sqrt(hd)
+            e = np.exp(s - s.max())
+            out[i, h] = (e / e.sum()) @ kvn[1, g, :n]
+    return out
+
+
+@pytest.mark.parametrize("t,start", [(1, 0), (1, 37), (4, 5), (3, 60)])
+def test_attention_matches_numpy(t, start):
+    heads, kv_heads, hd, positions = 8, 2, 64, 64
+    rng = np.random.default_rng(t * 100 + start)
+    qn = rng.standard_normal((heads, t, hd)).astype(np.float32)
+    kvn = rng.standard_normal((2, kv_heads, positions, hd)).astype(np.float32)
+    q, kv = Tensor(qn).realize(), Tensor(kvn).realize()
+    var = UOp.variable("start_pos", 0, positions - t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to tinygrad's attention is a failure here
+        with Context(NUM_CPU_THREADS=2):
+            out = native.attention(
+                q.reshape(-1), kv, var.bind(start), heads, kv_heads, hd, 1 / math.sqrt(hd), 2, t
+            )
+            assert out is not None
+            bound = var.bind(
+                start
+            )  # a kernel of the graph binds the variable (in the engine, the KV store does)
+            y = (
+                out.reshape(t, heads, hd) + kv[0:1, 0:1, bound : bound + 1, 0:1].reshape(1, 1, 1) * 0
+            ).numpy()
+    ref = _reference(qn, kvn, start, heads, kv_heads, hd)
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_native_matvec_is_used():
+    """The common decode and prefill types run the native body (no silent fallback to tinygrad's kernel)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    rng = np.random.default_rng(0)
+    for qt in native.NATIVE_TYPES:
+        for t in (1, 9):
+            n, k = 40, 96
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            raw = quants.quantize(w, qt)
+            qw = quant.QTensor.from_raw(raw, qt, (n, k))
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                y = quant.qlinear(Tensor(x), qw).numpy()
+            ref = x.astype(np.float64) @ quants.dequantize(raw, qt).astype(np.float64).T
+            assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5, (Q(qt).name, t)
+            key = next(key for key in quant._KERNELS if key[0] == qt and key[1] == (n, k) and key[2] == t)
+            prg = quant._KERNELS[key][0]
+            assert prg.op.name == "PROGRAM" and "f32x16" in prg.src[2].arg, (Q(qt).name, t)
