@@ -23,6 +23,11 @@ kernel through Tensor.custom_kernel with explicit options (see _kernel_opts): on
 unrolled, T upcast by 4 for prefill, output rows split over core_id threads. Some choices differ for
 tinygrad's LLVM and clang backends (measured, see benchmarks/quant.py); if building the explicit kernel ever
 fails (tinygrad internals), qlinear warns once and falls back to the plain expression.
+
+Q4_0, Q4_1 and Q8_0 (the types of llama.cpp's common GGUFs) go one step further: the kernel tinygrad generates
+for them reached 2-9 GB/s from DRAM, so its body is replaced by hand-written C (native.py: vector extensions,
+AVX-512 table permutes, prefetch) with the same signature and slices: 20-29 GB/s on 2 threads here, i.e. the
+memory bandwidth (`python benchmarks/quant.py --native`). The other types keep tinygrad's kernel.
 """
 
 from __future__ import annotations
@@ -399,7 +404,7 @@ def _build_kernel(w: QTensor, t: int):
     ast = ast.replace(arg=KernelInfo(name=ast.arg.name, opts_to_apply=tuple(opts)))
     if USE_NATIVE and native.supported(w.ggml_type, *w.shape, t):
         try:  # the same kernel (signature, slices) with a hand-written C body: see native.py
-            return native.program_for(ast, ren, w.ggml_type, *w.shape, slots), slots
+            return native.program_for(ast, ren, w.ggml_type, *w.shape, slots, t), slots
         except Exception as e:  # no clang, or tinygrad internals changed: keep tinygrad's kernel
             import warnings
 
