@@ -2,8 +2,14 @@
 
 A request's members may include this peer itself; a local link is a pair of memory channels, so the
 request code is the same either way. A remote link keeps a task reading the stream at all times:
-py-libp2p's yamux resets a stream whose reader has not read for 5 s, so the reader must never wait
-for compute.
+py-libp2p 0.8.1's yamux writer fails a write that waits 5 s for window credit (net/tuning.py makes
+that 60 s), and credit comes only from reading, so the reader must never wait for compute.
+
+How links end, as py-libp2p reports it: a peer closing its stream and a connection going away both
+surface as StreamEOF (at the end that closed the connection, every stream on it reads EOF). Links
+tell them apart ("closed by peer", "connection lost") and never close a connection themselves
+(tests/test_link_reconnect.py: closing one to recover from a failed open ended every other ring
+stream on it).
 """
 
 from __future__ import annotations
