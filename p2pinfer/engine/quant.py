@@ -200,14 +200,19 @@ class QTensor:
         return next(iter(self.parts.values())).device
 
     def numpy_parts(self) -> dict[str, np.ndarray]:
-        """Zero-copy numpy views of the parts (rows first). Don't write to them while a kernel may run."""
+        """Zero-copy numpy views of the parts (rows first). Don't write to them while a kernel may run.
+        Made once per QTensor (the parts never change): the embedding gathers rows through them every token."""
+        cached = self.__dict__.get("_numpy_parts")
+        if cached is not None:
+            return dict(cached)
         out = {}
         for name, t in self.parts.items():
             buf = t.uop.buffer
             np_dtype = next(k for k, v in _NP_TO_TG.items() if v == t.dtype)
             mv = buf.as_memoryview(force_zero_copy=True)
             out[name] = np.frombuffer(mv, dtype=np_dtype).reshape(t.shape)
-        return out
+        self.__dict__["_numpy_parts"] = out
+        return dict(out)
 
     # ------------------------------------------------------------------ row operations (host side)
     def take_rows(self, perm) -> QTensor:
