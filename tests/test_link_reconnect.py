@@ -32,24 +32,25 @@ ROOT = Path(__file__).resolve().parents[1]
 H = np.ones((1, 576), np.float32)
 
 
-def _host():
+def _host(seed: bytes | None = None, port: int = 0):
     import multiaddr
 
     from benchmarks.link import SECRET
     from p2pinfer.identity import Identity
     from p2pinfer.net.host import build_host
 
-    me = Identity(os.urandom(32))
-    listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    me = Identity(seed or os.urandom(32))
+    listen = [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]
     return me, build_host(me.key_pair, SECRET, listen), listen
 
 
-async def _peer(mode: str) -> None:
-    """Echoes ring frames. mode "close": closes its connections 0.7 s after the first one appears.
+async def _peer(mode: str, port: str = "0") -> None:
+    """Echoes ring frames. mode "close": closes its connections 0.7 s after the first one appears;
+    "fixed": the same peer id and port every time it starts (a restarted agent).
     A frame {"t": "stall", "s": S} stops this whole process for S seconds (as a peer starved of CPU)."""
     from p2pinfer.serve.links import LinkClosed, Linker
 
-    me, host, listen = _host()
+    me, host, listen = _host(b"\x11" * 32 if mode == "fixed" else None, int(port))
 
     async def echo(link) -> None:
         try:
@@ -171,6 +172,43 @@ async def _slow_open(addr: str) -> None:
     print(json.dumps(out), flush=True)
 
 
+async def _restart(addr: str) -> None:
+    """A link to a peer; the peer goes down (an open fails), comes back; a link opens at once."""
+    from p2pinfer.net.addrs import parse_peer_addr
+    from p2pinfer.serve.links import LinkClosed, Linker
+
+    me, host, listen = _host()
+
+    async def refuse(link) -> None:
+        return None
+
+    async def line() -> str:
+        return (await trio.to_thread.run_sync(sys.stdin.readline)).strip()
+
+    async def try_open() -> str:
+        try:
+            async with linker.open(str(info.peer_id), connect_timeout=3) as link:
+                await link.send({"t": "h"}, H)
+                await link.recv()
+            return "opened"
+        except LinkClosed as e:
+            return str(e)
+
+    linker = Linker(host, str(me.peer_id), refuse)
+    info = parse_peer_addr(addr)
+    host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+    out = {}
+    async with host.run(listen):
+        out["before"] = await try_open()
+        print("ready", flush=True)
+        assert await line() == "down"
+        out["down"] = await try_open()
+        print("tried", flush=True)
+        assert await line() == "up"
+        out["after"] = await try_open()
+    print(json.dumps(out), flush=True)
+
+
 def _run(peer_mode: str, client: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = "import sys, trio; from tests import test_link_reconnect as t; trio.run(t._{}, *sys.argv[1:])"
@@ -207,3 +245,46 @@ def test_a_slow_open_does_not_close_the_connection():
     out = _run("echo", "slow_open")
     assert "within 1 s" in out["second"], out
     assert out["live"] == "carried on", out
+
+
+def test_a_restarted_peer_is_reachable_at_once():
+    """py-libp2p refused dials to a peer for 60 s after one failed; a restarted agent stayed unreachable."""
+    from tests.harness import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import sys, trio; from tests import test_link_reconnect as t; trio.run(t._{}, *sys.argv[1:])"
+    port = str(free_port())
+
+    def start_peer() -> subprocess.Popen:
+        peer = subprocess.Popen([sys.executable, "-c", code.format("peer"), "fixed", port], cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert peer.stdout.readline().strip(), peer.stderr.read()
+        return peer
+
+    peer = start_peer()
+    addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/" + _fixed_peer_id()
+    client = subprocess.Popen([sys.executable, "-c", code.format("restart"), addr], cwd=ROOT, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert client.stdout.readline().strip() == "ready", client.stderr.read()[-3000:]
+        peer.kill()
+        peer.wait()
+        client.stdin.write("down\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "tried", client.stderr.read()[-3000:]
+        peer = start_peer()
+        client.stdin.write("up\n")
+        client.stdin.flush()
+        out = json.loads(client.stdout.readline())
+    finally:
+        for p in (client, peer):
+            p.kill()
+            p.wait()
+    assert out["before"] == "opened" and out["down"] != "opened", out
+    assert out["after"] == "opened", out
+
+
+def _fixed_peer_id() -> str:
+    from p2pinfer.identity import Identity
+
+    return str(Identity(b"\x11" * 32).peer_id)

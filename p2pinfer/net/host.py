@@ -62,6 +62,11 @@ def build_host(key_pair: KeyPair, cluster_secret: bytes, listen: list[multiaddr.
     # that job with backoff and forgets peers that left, so switch it off entirely.
     swarm.auto_connector.maybe_connect = _nothing
     swarm.auto_connector.run_background_task = _nothing
+    # 0.8.1 refuses every dial to a peer for 60 s after one dial to it failed ("recently failed all
+    # addresses (negative cache)"): a peer that restarted in 2 s stayed unreachable for a minute,
+    # its ring streams failing to open although it was up and gossiping. Our Dialer backs off per
+    # peer already and is told when a peer is heard again, so the cache lets everything through.
+    swarm._negative_peer_cache._ttl = 0.0
     return host
 
 
