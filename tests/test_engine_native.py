@@ -53,10 +53,15 @@ def test_attention_matches_numpy(t, start):
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
 
 
-def test_native_matvec_is_used():
-    """The common decode and prefill types run the native body (no silent fallback to tinygrad's kernel)."""
+@pytest.mark.parametrize("permute", [True, False], ids=["avx512-permute", "portable"])
+def test_native_matvec_is_used(permute, monkeypatch):
+    """The common decode and prefill types run the native body (no silent fallback to tinygrad's kernel), both
+    the AVX-512 table-permute body (where the CPU has it) and the portable one (AVX2/NEON machines)."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
+
+    monkeypatch.setattr(native, "PERMUTE", permute)
+    monkeypatch.setattr(quant, "_KERNELS", {})
 
     rng = np.random.default_rng(0)
     for qt in native.NATIVE_TYPES:
