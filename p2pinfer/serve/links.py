@@ -117,13 +117,18 @@ class RemoteLink(Link):
                 pass
 
     async def send(self, header: dict, tensor: np.ndarray | None = None) -> None:
-        data = encode_frame(header, tensor)
-        async with self._send_lock:
-            try:
-                await self.stream.write(data)
-            except Exception as e:
-                what = "connection lost: " if self._connection_lost() or _transport_broke(e) else ""
-                raise LinkClosed(f"send to {self.peer} failed: {what}{type(e).__name__}: {e}") from e
+        data = encode_frame(header, tensor)  # header and tensor in one write: one yamux frame
+        try:  # a free lock need not yield (the write does)
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
+            await self.stream.write(data)
+        except Exception as e:
+            what = "connection lost: " if self._connection_lost() or _transport_broke(e) else ""
+            raise LinkClosed(f"send to {self.peer} failed: {what}{type(e).__name__}: {e}") from e
+        finally:
+            self._send_lock.release()
 
     async def recv(self) -> Frame:
         try:
