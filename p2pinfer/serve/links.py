@@ -132,7 +132,10 @@ class RemoteLink(Link):
 
     async def recv(self) -> Frame:
         try:
-            return await self._rx.receive()
+            try:  # a frame already here is taken without a pass through the scheduler
+                return self._rx.receive_nowait()
+            except trio.WouldBlock:
+                return await self._rx.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise LinkClosed(f"link to {self.peer} {self.closed_reason}") from None
 
