@@ -57,8 +57,8 @@ def test_attention_matches_numpy(t, start):
 def test_native_matvec_is_used(permute, monkeypatch):
     """The common decode and prefill types run the native body (no silent fallback to tinygrad's kernel), both
     the AVX-512 table-permute body (where the CPU has it) and the portable one (AVX2/NEON machines)."""
+    from gguf import GGML_QUANT_SIZES, quants
     from gguf import GGMLQuantizationType as Q
-    from gguf import quants
 
     monkeypatch.setattr(native, "PERMUTE", permute)
     monkeypatch.setattr(quant, "_KERNELS", {})
@@ -66,9 +66,18 @@ def test_native_matvec_is_used(permute, monkeypatch):
     rng = np.random.default_rng(0)
     for qt in native.NATIVE_TYPES:
         for t in (1, 9):
-            n, k = 40, 96
-            w = rng.standard_normal((n, k)).astype(np.float32)
-            raw = quants.quantize(w, qt)
+            n, k = (40, 512) if qt == Q.Q4_K else (40, 96)
+            if not native.supported(qt, n, k, t):
+                continue
+            if qt == Q.Q4_K:  # gguf can't quantise K-quants: random blocks with sane fp16 d/dmin
+                block, bbytes = GGML_QUANT_SIZES[qt]
+                raw = rng.integers(0, 256, (n, k // block, bbytes), dtype=np.uint8)
+                for off in (0, 2):
+                    vals = rng.uniform(-0.01, 0.01, (n, k // block)).astype(np.float16)
+                    raw[..., off : off + 2] = vals[..., None].view(np.uint8)
+                raw = raw.reshape(n, -1)
+            else:
+                raw = quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qt)
             qw = quant.QTensor.from_raw(raw, qt, (n, k))
             x = rng.standard_normal((t, k)).astype(np.float32)
             with warnings.catch_warnings():

@@ -29,8 +29,13 @@ from dataclasses import replace
 
 from gguf import GGMLQuantizationType as Q
 
-NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
-ROWS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 1}  # output rows per iteration (x loads shared, independent chains)
+NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K)  # Q4_K: T=1 only
+ROWS = {
+    Q.Q4_0: 4,
+    Q.Q4_1: 4,
+    Q.Q8_0: 1,
+    Q.Q4_K: 2,
+}  # output rows per iteration (x loads shared, independent chains)
 PREFETCH = 8192  # bytes ahead of the rows being read to prefetch (0: none)
 PERMUTE = True  # AVX-512 nibble -> float by table permute (see _BLOCK_AVX512); False: the portable body only
 
@@ -92,6 +97,8 @@ _PARAM_TYPES = {
     "_x": "const float* restrict x",
     "d": "const float* restrict d",
     "m": "const unsigned short* restrict m",
+    "dm": "const float* restrict dm",
+    "scm": "const unsigned char* restrict scm",
 }
 
 
@@ -250,6 +257,83 @@ def c_source_batched(name: str, qt, n: int, k: int, t: int, slots: list[str], sl
 BROWS = 2
 
 
+def c_source_q4k(name: str, n: int, k: int, slots: list[str], slices: int) -> str:
+    """Q4_K, T=1. Parts: dm (n, nsb, 2) float32 d/dmin; scm (n, nsb, 2, 8) 6-bit scales then mins, a byte each;
+    qs (n, nsb, 4, 32): element 64j + 32h + i of a super-block is nibble h of qs[j, i] (sub-block 2j + h).
+    w = d*sc[s]*q - dmin*mn[s]: the min term is dmin*mn[s]*sum(x over sub-block s) (sums made once per call)."""
+    nsb, rows = k // 256, ROWS[Q.Q4_K]
+    lines = [
+        "#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif",
+        _PRELUDE,
+        f"void {name}({_params(Q.Q4_K, slots)}) {{",
+        "#if defined(__AVX512F__)",
+        "  const __m512 tbl = _mm512_setr_ps(" + ", ".join(f"{i}.0f" for i in range(16)) + ");",
+        "#endif",
+        f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});",
+        f"  float xs[{k // 32}];",
+        f"  for (int b = 0; b < {k // 32}; b++) xs[b] = hsum(ldx(x + b * 32) + ldx(x + b * 32 + 16));",
+        "  int r = r0;",
+    ]
+    nib = {
+        True: (
+            "(f32x16)_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q{c}), tbl)",
+            "(f32x16)_mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(q{c}), 4), tbl)",
+        ),
+        False: ("__builtin_convertvector(q{c} & 15, f32x16)", "__builtin_convertvector(q{c} >> 4, f32x16)"),
+    }
+
+    def body(j: int, avx: bool) -> list[str]:
+        lo, hi = nib[avx]
+        qtype = "__m128i" if avx else "u8x16"
+        load = "_mm_loadu_si128((const __m128i *)(p{c}))" if avx else "ldq(p{c})"
+        out = [f"        {{ const unsigned char *p0 = qs + (sb{j} * 4 + jj) * 32, *p1 = p0 + 16;"]
+        out.append("          " + " ".join(f"{qtype} q{c} = {load.format(c=c)};" for c in (0, 1)))
+        out.append(f"          f32x16 lo = {lo.format(c=0)} * xl0 + {lo.format(c=1)} * xl1;")
+        out.append(f"          f32x16 hi = {hi.format(c=0)} * xh0 + {hi.format(c=1)} * xh1;")
+        out.append(f"          acc{j} += (d{j} * sc{j}[2 * jj]) * lo + (d{j} * sc{j}[2 * jj + 1]) * hi; }}")
+        return out
+
+    def loop(count: int) -> None:
+        lines.append(f"  for (; r + {count} <= r1; r += {count}) {{")
+        for j in range(count):
+            lines.append(f"    f32x16 acc{j} = {{0}}; float macc{j} = 0.0f;")
+        lines.append(f"    for (int b = 0; b < {nsb}; b++) {{")
+        for j in range(count):
+            lines.append(f"      const long sb{j} = (long)(r + {j}) * {nsb} + b;")
+            lines.append(f"      const float d{j} = dm[sb{j} * 2], dmin{j} = dm[sb{j} * 2 + 1];")
+            lines.append(f"      const unsigned char *sc{j} = scm + sb{j} * 16, *mn{j} = sc{j} + 8;")
+            lines.append(f"      __builtin_prefetch((const char *)qs + sb{j} * 128 + {PREFETCH});")
+            lines.append(
+                f"      {{ float t = 0.0f; for (int s = 0; s < 8; s++) t += mn{j}[s] * xs[b * 8 + s];"
+            )
+            lines.append(f"        macc{j} += dmin{j} * t; }}")
+        lines.append("      for (int jj = 0; jj < 4; jj++) {")
+        lines.append("        const float *xb = x + b * 256 + 64 * jj;")
+        lines.append(
+            "        f32x16 xl0 = ldx(xb), xl1 = ldx(xb + 16), xh0 = ldx(xb + 32), xh1 = ldx(xb + 48);"
+        )
+        if PERMUTE:
+            lines.append("#if defined(__AVX512F__)")
+            for j in range(count):
+                lines.extend(body(j, True))
+            lines.append("#else")
+        for j in range(count):
+            lines.extend(body(j, False))
+        if PERMUTE:
+            lines.append("#endif")
+        lines.append("      }")
+        lines.append("    }")
+        for j in range(count):
+            lines.append(f"    out[r + {j}] = hsum(acc{j}) - macc{j};")
+        lines.append("  }")
+
+    loop(rows)
+    if rows > 1:
+        loop(1)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 _CLANG = {}
 
 
@@ -263,6 +347,8 @@ def _clang_renderer(renderer):
 
 
 def supported(qt, n: int, k: int, t: int) -> bool:
+    if qt == Q.Q4_K:
+        return t == 1 and k % 256 == 0
     return (t == 1 or BATCHED) and qt in NATIVE_TYPES and k % 32 == 0 and n >= 1
 
 
@@ -289,6 +375,8 @@ def program_for(ast, renderer, qt, n: int, k: int, slots: list[str], t: int = 1)
     slices = int(info.global_size[0]) if info.vars else 1
 
     def source(slices: int) -> str:
+        if qt == Q.Q4_K:
+            return c_source_q4k(info.function_name, n, k, slots, slices)
         if t == 1:
             return c_source(info.function_name, qt, n, k, slots, slices)
         return c_source_batched(info.function_name, qt, n, k, t, slots, slices)
