@@ -395,6 +395,11 @@ def bench_model(which: str, args, bandwidth: float | None) -> None:
         print(
             f"(weights GB/s = GGUF bytes per decode step x tok/s; % of the {bandwidth:.1f} GB/s read bandwidth)"
         )
+        roof = bandwidth * 1e9 / facts["step_bytes"]
+        line = f"memory roofline: decode <= {roof:.1f} tok/s at the one-thread read bandwidth"
+        if eng:
+            line += f"; the engine reaches {eng['decode'] / roof:.0%} of it"
+        print(line + " (the reference when llama.cpp is not installed)")
     if eng:
         for k in ("llama", "numpy"):
             if k in ok:
