@@ -48,6 +48,7 @@ static inline u8x16 ldq(const unsigned char *p) { u8x16 v; __builtin_memcpy(&v, 
 static inline i8x16 ldi(const signed char *p) { i8x16 v; __builtin_memcpy(&v, p, 16); return v; }
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
+typedef unsigned char u8x8 __attribute__((vector_size(8)));
 static inline float hsum(f32x16 a) { /* a tree: 4 shuffles + 4 adds */
   f32x8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
   f32x4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
@@ -290,41 +291,46 @@ def c_source_q4k(name: str, n: int, k: int, slots: list[str], slices: int) -> st
         out.append("          " + " ".join(f"{qtype} q{c} = {load.format(c=c)};" for c in (0, 1)))
         out.append(f"          f32x16 lo = {lo.format(c=0)} * xl0 + {lo.format(c=1)} * xl1;")
         out.append(f"          f32x16 hi = {hi.format(c=0)} * xh0 + {hi.format(c=1)} * xh1;")
-        out.append(f"          acc{j} += (d{j} * sc{j}[2 * jj]) * lo + (d{j} * sc{j}[2 * jj + 1]) * hi; }}")
+        out.append(f"          acc{j} += sc{j}[2 * jj] * lo + sc{j}[2 * jj + 1] * hi; }}")
         return out
 
     def loop(count: int) -> None:
         lines.append(f"  for (; r + {count} <= r1; r += {count}) {{")
         for j in range(count):
-            lines.append(f"    f32x16 acc{j} = {{0}}; float macc{j} = 0.0f;")
+            lines.append(f"    f32x16 acc{j} = {{0}}; f32x8 macc{j} = {{0}};")
         lines.append(f"    for (int b = 0; b < {nsb}; b++) {{")
+        lines.append("      f32x8 xsv; __builtin_memcpy(&xsv, xs + b * 8, 32);")
         for j in range(count):
             lines.append(f"      const long sb{j} = (long)(r + {j}) * {nsb} + b;")
             lines.append(f"      const float d{j} = dm[sb{j} * 2], dmin{j} = dm[sb{j} * 2 + 1];")
-            lines.append(f"      const unsigned char *sc{j} = scm + sb{j} * 16, *mn{j} = sc{j} + 8;")
             lines.append(f"      __builtin_prefetch((const char *)qs + sb{j} * 128 + {PREFETCH});")
+            # the 8 sub-block scales (times d) and mins as vectors: no scalar conversions, no dependency chain
+            lines.append(f"      u8x8 scb{j}, mnb{j}; __builtin_memcpy(&scb{j}, scm + sb{j} * 16, 8);")
+            lines.append(f"      __builtin_memcpy(&mnb{j}, scm + sb{j} * 16 + 8, 8);")
+            lines.append(f"      const f32x8 sc{j} = __builtin_convertvector(scb{j}, f32x8) * d{j};")
+            lines.append(f"      macc{j} += __builtin_convertvector(mnb{j}, f32x8) * xsv * dmin{j};")
+        for jj in range(4):  # unrolled: the scale lanes are constants
+            lines.append("      {")
+            lines.append(f"        const int jj = {jj}; const float *xb = x + b * 256 + {64 * jj};")
             lines.append(
-                f"      {{ float t = 0.0f; for (int s = 0; s < 8; s++) t += mn{j}[s] * xs[b * 8 + s];"
+                "        f32x16 xl0 = ldx(xb), xl1 = ldx(xb + 16), xh0 = ldx(xb + 32), xh1 = ldx(xb + 48);"
             )
-            lines.append(f"        macc{j} += dmin{j} * t; }}")
-        lines.append("      for (int jj = 0; jj < 4; jj++) {")
-        lines.append("        const float *xb = x + b * 256 + 64 * jj;")
-        lines.append(
-            "        f32x16 xl0 = ldx(xb), xl1 = ldx(xb + 16), xh0 = ldx(xb + 32), xh1 = ldx(xb + 48);"
-        )
-        if PERMUTE:
-            lines.append("#if defined(__AVX512F__)")
+            if PERMUTE:
+                lines.append("#if defined(__AVX512F__)")
+                for j in range(count):
+                    lines.extend(body(j, True))
+                lines.append("#else")
             for j in range(count):
-                lines.extend(body(j, True))
-            lines.append("#else")
-        for j in range(count):
-            lines.extend(body(j, False))
-        if PERMUTE:
-            lines.append("#endif")
-        lines.append("      }")
+                lines.extend(body(j, False))
+            if PERMUTE:
+                lines.append("#endif")
+            lines.append("      }")
         lines.append("    }")
         for j in range(count):
-            lines.append(f"    out[r + {j}] = hsum(acc{j}) - macc{j};")
+            lines.append(
+                f"    out[r + {j}] = hsum(acc{j}) - ((macc{j}[0] + macc{j}[4]) + (macc{j}[1] + macc{j}[5]) +"
+            )
+            lines.append(f"                   (macc{j}[2] + macc{j}[6]) + (macc{j}[3] + macc{j}[7]));")
         lines.append("  }")
 
     loop(rows)
