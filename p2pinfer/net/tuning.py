@@ -5,9 +5,10 @@ adds several times its round trip (benchmarks/link.py measures both). The adjust
 how this process reads, writes and acknowledges, never what goes on the wire: a peer without them
 (another py-libp2p, go-libp2p) sees valid yamux frames inside valid Noise messages, only cut and
 acknowledged differently (tests/test_net_tuning.py runs both directions against an unpatched peer).
-Measured with them (benchmarks/link.py, one run, shared 2-core box; stock in brackets): bulk 1.06x
-of the baseline (0.30x), 8 KiB round trip 2.9x (7.2x), a ring frame's hop +0.13 ms over it (+0.55),
-1.00 socket write per ring frame sent (2.00).
+Measured with them (benchmarks/link.py, two runs at load average ~1 on the shared 2-core box; stock
+in brackets): bulk 0.49-1.12x of the baseline (0.17-0.35x), 8 KiB round trip 1.65-1.74x (3.5-5.1x),
+a ring frame's hop 0.07-0.08 ms slower than over the baseline (0.27-0.38 ms), 1.00 socket write per
+ring frame sent (2.00).
 
 1. One yamux frame per Noise message. yamux cuts writes into 64 KiB frames (12-byte header
    included); Noise carries at most 65,519 plaintext bytes per message, so every full frame became
@@ -364,8 +365,20 @@ def _fewer_copies_per_frame() -> None:
             received_bytes=len(buffer),
         )
 
+    original_body = yamux.Yamux._read_data_body
+
+    async def _read_data_body(self, length: int) -> bytes:
+        """A DATA frame's body; when it is already decrypted here (it came in the header's Noise
+        message), without 0.8.1's 60 s cancel scope, which nothing could trip."""
+        session = self.secured_conn
+        pending = session.__dict__.get("_p2p_pending", b"")
+        if len(pending) - session.__dict__.get("_p2p_offset", 0) >= length:
+            return await read_exactly(session, length)
+        return await original_body(self, length)
+
     SecureSession.read = read
     yamux.read_exactly = read_exactly  # yamux's own name for it (headers and DATA bodies)
+    yamux.Yamux._read_data_body = _read_data_body
 
 
 class _NoYieldLock:
