@@ -66,13 +66,13 @@ def test_native_matvec_is_used(permute, monkeypatch):
     rng = np.random.default_rng(0)
     for qt in native.NATIVE_TYPES:
         for t in (1, 9):
-            n, k = (40, 512) if qt == Q.Q4_K else (40, 96)
+            n, k = (40, 512) if qt in (Q.Q4_K, Q.Q6_K) else (40, 96)
             if not native.supported(qt, n, k, t):
                 continue
-            if qt == Q.Q4_K:  # gguf can't quantise K-quants: random blocks with sane fp16 d/dmin
+            if qt in (Q.Q4_K, Q.Q6_K):  # gguf can't quantise K-quants: random blocks with sane fp16 scales
                 block, bbytes = GGML_QUANT_SIZES[qt]
                 raw = rng.integers(0, 256, (n, k // block, bbytes), dtype=np.uint8)
-                for off in (0, 2):
+                for off in (0, 2) if qt == Q.Q4_K else (208,):
                     vals = rng.uniform(-0.01, 0.01, (n, k // block)).astype(np.float16)
                     raw[..., off : off + 2] = vals[..., None].view(np.uint8)
                 raw = raw.reshape(n, -1)

@@ -29,13 +29,9 @@ from dataclasses import replace
 
 from gguf import GGMLQuantizationType as Q
 
-NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K)  # Q4_K: T=1 only
-ROWS = {
-    Q.Q4_0: 4,
-    Q.Q4_1: 4,
-    Q.Q8_0: 1,
-    Q.Q4_K: 2,
-}  # output rows per iteration (x loads shared, independent chains)
+NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)  # the K-quants: T=1 only
+# output rows per iteration (x loads shared, independent chains)
+ROWS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 1, Q.Q4_K: 2, Q.Q6_K: 2}
 PREFETCH = 8192  # bytes ahead of the rows being read to prefetch (0: none)
 PERMUTE = True  # AVX-512 nibble -> float by table permute (see _BLOCK_AVX512); False: the portable body only
 
@@ -100,6 +96,9 @@ _PARAM_TYPES = {
     "m": "const unsigned short* restrict m",
     "dm": "const float* restrict dm",
     "scm": "const unsigned char* restrict scm",
+    "sc": "const signed char* restrict sc",
+    "ql": "const unsigned char* restrict ql",
+    "qh": "const unsigned char* restrict qh",
 }
 
 
@@ -340,6 +339,60 @@ def c_source_q4k(name: str, n: int, k: int, slots: list[str], slices: int) -> st
     return "\n".join(lines) + "\n"
 
 
+def c_source_q6k(name: str, n: int, k: int, slots: list[str], slices: int) -> str:
+    """Q6_K, T=1. Parts: d (n, nsb) float32; sc (n, nsb, 16) int8; ql (n, nsb, 128); qh (n, nsb, 64). Element
+    128a + 64b + 32c + 16h + i of a super-block: low 4 bits = nibble b of ql[64a + 32c + 16h + i], high 2 bits =
+    bits 4b + 2c of qh[32a + 16h + i]; scale sc[8a + 4b + 2c + h]; w = d * sc * (q - 32)."""
+    nsb, rows = k // 256, ROWS[Q.Q6_K]
+    lines = [
+        _PRELUDE,
+        f"void {name}({_params(Q.Q6_K, slots)}) {{",
+        f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});",
+        "  int r = r0;",
+    ]
+
+    def loop(count: int) -> None:
+        lines.append(f"  for (; r + {count} <= r1; r += {count}) {{")
+        for j in range(count):
+            lines.append(f"    f32x16 acc{j} = {{0}};")
+        lines.append(f"    for (int s = 0; s < {nsb}; s++) {{")
+        for j in range(count):
+            lines.append(
+                f"      const long sb{j} = (long)(r + {j}) * {nsb} + s; const float d{j} = d[sb{j}];"
+            )
+            lines.append(f"      const unsigned char *l{j} = ql + sb{j} * 128, *hb{j} = qh + sb{j} * 64;")
+            lines.append(f"      const signed char *c{j} = sc + sb{j} * 16;")
+            lines.append(f"      __builtin_prefetch((const char *)ql + sb{j} * 128 + {PREFETCH});")
+            lines.append(f"      __builtin_prefetch((const char *)qh + sb{j} * 64 + {PREFETCH // 2});")
+        for a in range(2):
+            for c in range(2):
+                for h in range(2):
+                    for j in range(count):
+                        lines.append(
+                            f"      {{ u8x16 lo = ldq(l{j} + {64 * a + 32 * c + 16 * h}), hi = ldq(hb{j} + {32 * a + 16 * h});"
+                        )
+                        for b in range(2):
+                            e = 128 * a + 64 * b + 32 * c + 16 * h
+                            lines.append(
+                                f"        {{ u8x16 q = ((lo >> {4 * b}) & 15) | (((hi >> {4 * b + 2 * c}) & 3) << 4);"
+                            )
+                            lines.append(
+                                f"          acc{j} += (d{j} * c{j}[{8 * a + 4 * b + 2 * c + h}]) *"
+                                f" (__builtin_convertvector((i8x16)q - 32, f32x16) * ldx(x + s * 256 + {e})); }}"
+                            )
+                        lines.append("      }")
+        lines.append("    }")
+        for j in range(count):
+            lines.append(f"    out[r + {j}] = hsum(acc{j});")
+        lines.append("  }")
+
+    loop(rows)
+    if rows > 1:
+        loop(1)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 _CLANG = {}
 
 
@@ -353,7 +406,7 @@ def _clang_renderer(renderer):
 
 
 def supported(qt, n: int, k: int, t: int) -> bool:
-    if qt == Q.Q4_K:
+    if qt in (Q.Q4_K, Q.Q6_K):
         return t == 1 and k % 256 == 0
     return (t == 1 or BATCHED) and qt in NATIVE_TYPES and k % 32 == 0 and n >= 1
 
@@ -383,6 +436,8 @@ def program_for(ast, renderer, qt, n: int, k: int, slots: list[str], t: int = 1)
     def source(slices: int) -> str:
         if qt == Q.Q4_K:
             return c_source_q4k(info.function_name, n, k, slots, slices)
+        if qt == Q.Q6_K:
+            return c_source_q6k(info.function_name, n, k, slots, slices)
         if t == 1:
             return c_source(info.function_name, qt, n, k, slots, slices)
         return c_source_batched(info.function_name, qt, n, k, t, slots, slices)
