@@ -27,7 +27,8 @@ fails (tinygrad internals), qlinear warns once and falls back to the plain expre
 Q4_0, Q4_1 and Q8_0 (the types of llama.cpp's common GGUFs) go one step further: the kernel tinygrad generates
 for them reached 2-9 GB/s from DRAM, so its body is replaced by hand-written C (native.py: vector extensions,
 AVX-512 table permutes, prefetch) with the same signature and slices: 20-29 GB/s on 2 threads here, i.e. the
-memory bandwidth (`python benchmarks/quant.py --native`). The other types keep tinygrad's kernel.
+memory bandwidth (`python benchmarks/quant.py --native`). Q4_K and Q6_K have native decode (T=1) bodies too
+(12-17 GB/s); their prefill and the other types keep tinygrad's kernel.
 """
 
 from __future__ import annotations
