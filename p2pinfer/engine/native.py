@@ -406,7 +406,27 @@ def _clang_renderer(renderer):
     return _CLANG[key]
 
 
+def available() -> bool:
+    """tinygrad's clang compiler (CC, default clang) is on PATH: without it the native bodies can't be built, and
+    the engine keeps tinygrad's kernels (logged once, not warned per kernel)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        import logging
+        import os
+        import shutil
+
+        _AVAILABLE = shutil.which(os.environ.get("CC", "clang")) is not None
+        if not _AVAILABLE:
+            logging.getLogger(__name__).info("no clang on PATH: tinygrad's own kernels for every weight type")
+    return _AVAILABLE
+
+
+_AVAILABLE: bool | None = None
+
+
 def supported(qt, n: int, k: int, t: int) -> bool:
+    if not available():
+        return False
     if qt in (Q.Q4_K, Q.Q6_K):
         return t == 1 and k % 256 == 0
     return (t == 1 or BATCHED) and qt in NATIVE_TYPES and k % 32 == 0 and n >= 1
@@ -533,7 +553,13 @@ def attention(
     (then the caller writes attention in tinygrad)."""
     from tinygrad import Tensor, dtypes
 
-    if head_dim % 16 or heads % kv_heads or kv.dtype != dtypes.float32 or not USE_ATTENTION:
+    if (
+        head_dim % 16
+        or heads % kv_heads
+        or kv.dtype != dtypes.float32
+        or not USE_ATTENTION
+        or not available()
+    ):
         return None
     positions = kv.shape[2]
     key = (heads, kv_heads, head_dim, positions, scale, threads, t, q.device)
