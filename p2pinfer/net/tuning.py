@@ -35,7 +35,9 @@ ring frame sent (2.00).
 5. Reads that take what is buffered in one piece. 0.8.1's read() (no size) copies the stream's
    buffer out in 64 KiB slices and appends each to a bytes object (quadratic: with a few MiB
    buffered, reading them cost ~13 ms per call and bulk fell to a few MB/s) and runs the window
-   bookkeeping once per slice; ours copies once and does the bookkeeping once.
+   bookkeeping once per slice; ours copies once and does the bookkeeping once. What arrived before
+   the peer ended the connection is still delivered: 0.8.1 discarded it (readers saw EOF), so a
+   peer's last frames before it closed could vanish; readers now get DRAIN_TIMEOUT to take them.
 6. Fewer copies of each frame. A yamux frame arriving in one Noise message was copied about seven
    times on its way to the stream buffer (the session's BytesIO buffer, memoryview slices, and
    read_exactly's bytearray and its bytes() of it); ours slices each decrypted message once.
@@ -66,6 +68,7 @@ log = logging.getLogger("p2pinfer.net")
 WRITTEN_FOR = "0.8.1"
 RECV_CHUNK = 256 * 1024
 RECV_WINDOW = 4 * 1024 * 1024  # per stream; yamux allows 16 MiB
+DRAIN_TIMEOUT = 0.25  # for readers to take what arrived before a connection ended
 WINDOW_WAIT_TIMEOUT = 60.0  # as long as 0.8.1 waits for the body of a DATA frame it was promised
 _applied = False
 
@@ -274,11 +277,12 @@ def _reads_in_one_piece() -> None:
     original = yamux.YamuxStream.read
 
     async def read(self, n: int | None = -1) -> bytes:
-        """0.8.1's read(-1), less its per-64 KiB slicing: same states, same errors, same credit."""
+        """0.8.1's read(-1), less its per-64 KiB slicing, and data that arrived is read even when
+        the connection is going down (0.8.1 raised EOF over it): same states, errors and credit."""
         if n is not None and n != -1:
             return await original(self, n)
         conn, sid = self.conn, self.stream_id
-        while not conn.event_shutting_down.is_set():
+        while True:
             buffer = conn.stream_buffers.get(sid)
             if buffer is None:
                 if self.reset_received:
@@ -289,7 +293,8 @@ def _reads_in_one_piece() -> None:
             if buffer:
                 data = bytes(buffer)
                 buffer.clear()
-                await self._auto_tune_and_send_window_update(bytes_read=len(data))
+                if not conn.event_shutting_down.is_set():
+                    await self._auto_tune_and_send_window_update(bytes_read=len(data))
                 if self.closed and not buffer:
                     await conn._finalize_stream(self, fully_closed=True)
                 return data
@@ -297,13 +302,28 @@ def _reads_in_one_piece() -> None:
                 raise MuxedStreamReset("Stream was reset")
             if self.recv_closed:
                 raise MuxedStreamEOF("Stream is closed for receiving")
+            if conn.event_shutting_down.is_set():
+                raise MuxedStreamEOF("Connection shut down")
             try:
                 await conn.stream_events[sid].wait()
                 conn.stream_events[sid] = trio.Event()
             except KeyError:
                 raise MuxedStreamEOF("Stream was removed during read") from None
-        raise MuxedStreamEOF("Connection shut down")
 
+    original_cleanup = yamux.Yamux._cleanup_on_error
+
+    async def _cleanup_on_error(self) -> None:
+        """0.8.1 drops every stream's unread data when the peer ends the connection: a frame sent
+        just before a peer closed (its last token, its DONE) was lost if the reader had not run in
+        between. Readers get DRAIN_TIMEOUT to take what arrived first."""
+        for event in list(self.stream_events.values()):
+            event.set()
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            while any(self.stream_buffers.values()):
+                await trio.sleep(0.001)
+        await original_cleanup(self)
+
+    yamux.Yamux._cleanup_on_error = _cleanup_on_error
     yamux.YamuxStream.read = read
 
 
