@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,8 @@ async def _peer(mode: str, port: str = "0") -> None:
     """Echoes ring frames. mode "close": closes its connections 0.7 s after the first one appears;
     "fixed": the same peer id and port every time it starts (a restarted agent).
     A frame {"t": "stall", "s": S} stops this whole process for S seconds (as a peer starved of CPU)."""
+    from libp2p.peer.id import ID
+
     from p2pinfer.serve.links import LinkClosed, Linker
 
     me, host, listen = _host(b"\x11" * 32 if mode == "fixed" else None, int(port))
@@ -58,6 +61,11 @@ async def _peer(mode: str, port: str = "0") -> None:
                 f = await link.recv()
                 if f.header.get("t") == "stall":
                     time.sleep(float(f.header["s"]))
+                if f.header.get("t") == "burst":  # n frames, then this peer drops the connection
+                    for i in range(int(f.header["n"])):
+                        await link.send({"t": "h", "i": i}, H)
+                    await host.get_network().close_peer(ID.from_base58(link.peer))
+                    return
                 await link.send(f.header, f.tensor)
         except LinkClosed:
             pass
@@ -209,6 +217,32 @@ async def _restart(addr: str) -> None:
     print(json.dumps(out), flush=True)
 
 
+async def _last_frames(addr: str) -> None:
+    """The peer sends 50 frames and closes the connection at once, while this process is busy."""
+    from p2pinfer.net.addrs import parse_peer_addr
+    from p2pinfer.serve.links import LinkClosed, Linker
+
+    me, host, listen = _host()
+
+    async def refuse(link) -> None:
+        return None
+
+    linker = Linker(host, str(me.peer_id), refuse)
+    info = parse_peer_addr(addr)
+    got, end = [], ""
+    async with host.run(listen):
+        await host.connect(info)
+        async with linker.open(str(info.peer_id)) as link:
+            await link.send({"t": "burst", "n": 50})
+            time.sleep(1.0)  # frames and the close all arrive before anything here runs
+            try:
+                while True:
+                    got.append((await link.recv()).header["i"])
+            except LinkClosed as e:
+                end = str(e)
+    print(json.dumps({"got": got, "end": end}), flush=True)
+
+
 def _run(peer_mode: str, client: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = "import sys, trio; from tests import test_link_reconnect as t; trio.run(t._{}, *sys.argv[1:])"
@@ -288,3 +322,20 @@ def _fixed_peer_id() -> str:
     from p2pinfer.identity import Identity
 
     return str(Identity(b"\x11" * 32).peer_id)
+
+
+@pytest.mark.xfail(strict=False, reason="py-libp2p closes a socket with unread bytes (identify, pings) in it: "
+                   "the kernel sends RST and the receiver's kernel drops what it had not read yet")  # fmt: skip
+def test_frames_sent_before_a_connection_closed_are_delivered():
+    """A peer that sends frames and closes the connection at once: are they all delivered?
+
+    Not always. Measured: unpatched 6 of 6 runs lost the tail (yamux cleared every stream's unread
+    buffer at the peer's GO_AWAY / EOF); with net/tuning.py's drain 2 of 6 still lost 10 frames, and
+    those runs read ~97 KB of ~120 KB before ECONNRESET: py-libp2p closes its TCP socket at once,
+    with bytes it never read (an identify stream this end had just opened) in it, so Linux sends RST
+    instead of FIN, and an RST makes the receiving kernel discard what the application had not read.
+    A lingering close (FIN, then read until the peer's FIN) would be the fix. Our links never close a
+    connection (so a ring does not hit this); agents close them only on leaving, after draining."""
+    out = _run("echo", "last_frames")
+    assert out["got"] == list(range(50)), out
+    assert "connection lost" in out["end"], out
