@@ -39,8 +39,25 @@ def connection_config() -> ConnectionConfig:
     )
 
 
+class _StoppedSwarmNoise(logging.Filter):
+    """A peer that redials us while we stop gets its connection refused by py-libp2p's stopped swarm,
+    which logs that at WARNING with a traceback ("[ADDCONN_FAIL] ... Cannot schedule task after
+    service has stopped"): expected while leaving, so DEBUG. (Our Dialer's redials reach a leaving
+    peer now that the negative cache no longer blocks them; see build_host.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "[ADDCONN_FAIL]" in str(record.msg):
+            if "service has stopped" in record.getMessage():
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def build_host(key_pair: KeyPair, cluster_secret: bytes, listen: list[multiaddr.Multiaddr]) -> IHost:
     tuning.apply()  # py-libp2p performance adjustments (net/tuning.py), wire-compatible
+    swarm_log = logging.getLogger("libp2p.network.swarm")
+    if not any(isinstance(f, _StoppedSwarmNoise) for f in swarm_log.filters):
+        swarm_log.addFilter(_StoppedSwarmNoise())
     noise = AdmittingNoiseTransport(
         key_pair,
         noise_privkey=create_x25519_key_pair().private_key,
