@@ -40,14 +40,16 @@ def connection_config() -> ConnectionConfig:
 
 
 class _StoppedSwarmNoise(logging.Filter):
-    """A peer that redials us while we stop gets its connection refused by py-libp2p's stopped swarm,
-    which logs that at WARNING with a traceback ("[ADDCONN_FAIL] ... Cannot schedule task after
-    service has stopped"): expected while leaving, so DEBUG. (Our Dialer's redials reach a leaving
-    peer now that the negative cache no longer blocks them; see build_host.)"""
+    """py-libp2p logs a connection that could not be added at WARNING with a traceback ("[ADDCONN_FAIL]"):
+    for a peer that redials us while we stop ("Cannot schedule task after service has stopped") or
+    one that goes away while its connection starts ("Connection closed while starting"), that is
+    expected churn, so DEBUG. (Redials reach a leaving peer more often now that the negative cache
+    no longer blocks them; see build_host.) Anything else stays a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.WARNING and "[ADDCONN_FAIL]" in str(record.msg):
-            if "service has stopped" in record.getMessage():
+            msg = record.getMessage()
+            if "service has stopped" in msg or "Connection closed while starting" in msg:
                 record.levelno, record.levelname = logging.DEBUG, "DEBUG"
                 return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
