@@ -208,6 +208,29 @@ class OpenAIRoutes:
         items = [t.to_dict() for t in self.active.values()] + [t.to_dict() for t in reversed(self.recent)]
         return JSONResponse({"object": "list", "data": items})
 
+    def token_arrived(self, track: Tracked) -> None:
+        """Bookkeeping for one generated token of a request entered here (TTFT, tok/s, counts)."""
+        now = time.monotonic()
+        if track.first_token_at is None:
+            track.first_token_at, track.state = now, "generating"
+            self.metrics.ttft.labels(track.model).observe(now - track.started)
+        track.last_token_at, track.tokens = now, track.tokens + 1
+
+    def retire(self, track: Tracked) -> None:
+        """A request entered here has ended, however it ended: move it to the recent list, count it."""
+        metrics = self.metrics
+        if track.state in ("waiting", "generating"):
+            track.state = "cancelled"
+        self.active.pop(track.id, None)
+        self.recent.append(track)
+        metrics.active.dec()
+        metrics.tokens.labels(track.model, "completion").inc(track.tokens)
+        metrics.completions.labels(track.model, track.finish or track.state).inc()
+        if track.tokens > 1 and track.last_token_at > track.first_token_at:
+            metrics.tps.labels(track.model).observe(
+                (track.tokens - 1) / (track.last_token_at - track.first_token_at)
+            )
+
     async def one_request(self, request: Request) -> JSONResponse:
         """GET: one request entered here; DELETE: cancel it (the ring stops, every member frees its KV,
         the client's stream ends with an error event)."""
@@ -523,11 +546,7 @@ class Completion(Response):
                                 if ev.kind == "done":
                                     finish = ev.reason
                                     break
-                                now = time.monotonic()
-                                if track.first_token_at is None:
-                                    track.first_token_at, track.state = now, "generating"
-                                    metrics.ttft.labels(p.model).observe(now - track.started)
-                                track.last_token_at, track.tokens = now, track.tokens + 1
+                                routes.token_arrived(track)
                                 if not started and p.stream:
                                     await start_stream()
                                     started = True
@@ -593,17 +612,7 @@ class Completion(Response):
                     await JSONResponse(body)(scope, receive, send)
                 nursery.cancel_scope.cancel()
         finally:
-            if track.state in ("waiting", "generating"):
-                track.state = "cancelled"
-            routes.active.pop(self.id, None)
-            routes.recent.append(track)
-            metrics.active.dec()
-            metrics.tokens.labels(p.model, "completion").inc(track.tokens)
-            metrics.completions.labels(p.model, track.finish or track.state).inc()
-            if track.tokens > 1 and track.last_token_at > track.first_token_at:
-                metrics.tps.labels(p.model).observe(
-                    (track.tokens - 1) / (track.last_token_at - track.first_token_at)
-                )
+            routes.retire(track)
 
 
 async def _sse(send: Send, obj: dict) -> None:

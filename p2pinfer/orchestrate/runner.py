@@ -187,11 +187,7 @@ class Runner:
                                 if ev.kind == "done":
                                     finish = ev.reason
                                     break
-                                now = time.monotonic()
-                                if track.first_token_at is None:
-                                    track.first_token_at, track.state = now, "generating"
-                                    metrics.ttft.labels(p.model).observe(now - track.started)
-                                track.last_token_at, track.tokens = now, track.tokens + 1
+                                routes.token_arrived(track)
                                 if ev.logprob is not None:
                                     lps.append(float(ev.logprob))
                                 text, stopped = stops.feed(decoder.feed(ev.token))
@@ -216,17 +212,7 @@ class Runner:
         finally:
             open_gate()
             AVOID.reset(avoiding)
-            if track.state in ("waiting", "generating"):
-                track.state = "cancelled"
-            routes.active.pop(rid, None)
-            routes.recent.append(track)
-            metrics.active.dec()
-            metrics.tokens.labels(p.model, "completion").inc(track.tokens)
-            metrics.completions.labels(p.model, track.finish or track.state).inc()
-            if track.tokens > 1 and track.last_token_at > track.first_token_at:
-                metrics.tps.labels(p.model).observe(
-                    (track.tokens - 1) / (track.last_token_at - track.first_token_at)
-                )
+            routes.retire(track)
         d = track.to_dict()
         return Result(rid, p.model, chat, "".join(parts), finish, len(p.prompt), track.tokens, lps, track.ring,
                       d["ttft"], d["elapsed"])  # fmt: skip
