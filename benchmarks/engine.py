@@ -224,8 +224,9 @@ def worker_llama(job: dict) -> dict:
 
     t_import = time.perf_counter()
     n_ctx = max(len(job["prompt"]) + job["n"], len(job["chat"])) + 16
+    n_batch = job.get("n_batch", 512)
     llm = Llama(job["path"], n_ctx=n_ctx, n_threads=job["threads"], n_threads_batch=job["threads"],
-                n_batch=512, verbose=False, logits_all=False)  # fmt: skip
+                n_batch=n_batch, n_ubatch=n_batch, verbose=False, logits_all=False)  # fmt: skip
     t_load = time.perf_counter()
 
     n_vocab = llm.n_vocab()
@@ -369,6 +370,12 @@ def bench_model(which: str, args, bandwidth: float | None) -> None:
             import llama_cpp  # noqa: F401
 
             results["llama"] = run_worker("llama", job)
+            if "exit -11" in results["llama"].get("error", ""):
+                # a llama-cpp-python wheel built here (0.3.36, -march=native) segfaults in its batched
+                # prompt path on this CPU; one token per batch works: decode is comparable, prefill is not
+                print("llama.cpp crashed in batched prefill: rerunning with n_batch=1 (its prefill column is "
+                      "then token by token)")  # fmt: skip
+                results["llama"] = run_worker("llama", {**job, "n_batch": 1})
         except ImportError:
             print("llama-cpp-python not installed: skipping llama.cpp (pip install llama-cpp-python)")
     if "numpy" in args.parts:
