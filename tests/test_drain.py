@@ -13,8 +13,8 @@ from tests.harness import AgentProcess, new_secret, wait_for
 from tests.test_api_local import raw
 
 MODEL = "smollm2-135m"
-KW = dict(model=MODEL, messages=[{"role": "user", "content": "Write a long story about a lighthouse."}],
-          max_tokens=120, temperature=0)  # fmt: skip
+# a raw completion that keeps counting (no chat turn to end): a stream long enough to drain while others look
+COUNTING = dict(model=MODEL, prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", max_tokens=600, temperature=0)
 
 
 def _client(agent: AgentProcess) -> openai.OpenAI:
@@ -41,12 +41,12 @@ def pair(tmp_path):
 def test_sigterm_drains_the_stream_in_flight_and_refuses_new_work(pair):
     a, b = pair
     a_id = a.peer_id  # asks a: read it while a is up
-    reference = _client(a).chat.completions.create(**KW).choices[0].message.content
+    reference = _client(a).completions.create(**COUNTING).choices[0].text
     pieces, finish, refused = [], None, None
-    for chunk in _client(a).chat.completions.create(**KW, stream=True):
+    for chunk in _client(a).completions.create(**COUNTING, stream=True):
         if not chunk.choices:
             continue
-        pieces.append(chunk.choices[0].delta.content or "")
+        pieces.append(chunk.choices[0].text or "")
         finish = chunk.choices[0].finish_reason or finish
         if refused is None and len(pieces) >= 4:
             a.signal(signal.SIGTERM)
@@ -70,7 +70,7 @@ def test_sigterm_drains_the_stream_in_flight_and_refuses_new_work(pair):
 
 def test_second_signal_cuts_the_drain_short(pair):
     a, _b = pair
-    stream = _client(a).chat.completions.create(**{**KW, "max_tokens": 2000}, stream=True)
+    stream = _client(a).completions.create(**{**COUNTING, "max_tokens": 2000}, stream=True)
     got = 0
     t0 = None
     try:
