@@ -33,6 +33,7 @@ READY_TIMEOUT = 300.0  # a member may load and compile its shard first
 FIRST_TOKEN_TIMEOUT = 120.0
 TOKEN_TIMEOUT = 30.0
 MAX_REPLAYS = 6  # ring failures in a row without a new token before a request gives up
+ELECT_GRACE = 5.0  # seconds a request waits for a ring to fit before 503
 REPLAY_BACKOFF = 0.5  # seconds, times the attempt number: the first replay starts at once
 KV_HEADROOM_TOKENS = 2048  # KV each member must have room for, on top of its weights
 
@@ -130,6 +131,18 @@ class EntryService:
                                frozenset({lost}), exclude=frozenset(failed))  # fmt: skip
         return repaired if repaired is not None else self.elect_avoiding(entry, failed, routing)
 
+    async def _until_a_ring_fits(self, entry: ModelEntry, routing: str) -> None:
+        """Elect, and if no ring fits, look again for a few seconds before answering 503: under churn
+        room comes back as a restarted peer rejoins or a finished request releases its shards."""
+        with trio.move_on_after(ELECT_GRACE):
+            while True:
+                try:
+                    self.elect(entry, routing=routing)
+                    return
+                except RequestError:
+                    await trio.sleep(0.5)
+        self.elect(entry, routing=routing)
+
     def elect_avoiding(self, entry: ModelEntry, failed: set[str],
                        routing: str = "memory") -> list[RingMember]:  # fmt: skip
         """A ring without the members that failed this request; if none fits without them, take back
@@ -151,7 +164,7 @@ class EntryService:
         if self.active >= self.max_requests:
             raise RequestError(429, f"this peer is serving {self.active} requests, its limit", retry_after=1)
         entry = self.catalog.get(gen.model)
-        self.elect(entry, routing=gen.routing)  # fail fast with 503 before any streaming starts
+        await self._until_a_ring_fits(entry, gen.routing)  # a 503 must go out before any streaming starts
         tx, rx = trio.open_memory_channel[Event](1024)
         self.active += 1
         rid = gen.request_id or uuid.uuid4().hex
@@ -302,10 +315,11 @@ class EntryService:
             kind = frame.header.get("t")
             if kind == P.TOK:
                 tok = int(frame.header["id"])
-                generated.append(tok)
                 await tx.send(
                     Event("token", token=tok, logprob=frame.header.get("lp"), top=frame.header.get("top"))
                 )
+                # only once delivered: a send cancelled by a member's failure leaves the token to the replay
+                generated.append(tok)
             elif kind == P.DONE:
                 finish.append(str(frame.header.get("reason", "stop")))
                 return
