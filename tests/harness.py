@@ -119,5 +119,15 @@ class AgentProcess:
         return self.proc.returncode
 
 
+def end_child(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Close a helper process's stdin (its signal to stop), then wait for it, killing it if it hangs."""
+    proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def new_secret() -> str:
     return secrets.token_hex(32)

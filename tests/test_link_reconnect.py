@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 import trio
 
+from tests.harness import end_child
+
 ROOT = Path(__file__).resolve().parents[1]
 H = np.ones((1, 576), np.float32)
 
@@ -256,12 +258,7 @@ def _run(peer_mode: str, client: str) -> dict:
         assert run.returncode == 0, run.stderr[-3000:]
         return json.loads(run.stdout.strip().splitlines()[-1])
     finally:
-        peer.stdin.close()
-        try:
-            peer.wait(10)
-        except subprocess.TimeoutExpired:
-            peer.kill()
-            peer.wait()
+        end_child(peer)
 
 
 def test_opens_survive_a_connection_closed_under_them():

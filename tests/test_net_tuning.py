@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from p2pinfer.net import tuning
+from tests.harness import end_child
 
 LINK = str(Path(__file__).resolve().parents[1] / "benchmarks" / "link.py")
 
@@ -44,12 +45,7 @@ def _pair(server_tuned: bool, client_tuned: bool) -> tuple[dict, dict]:
         assert client.returncode == 0, client.stderr[-3000:]
         return server_state, json.loads(client.stdout.strip().splitlines()[-1])
     finally:
-        server.stdin.close()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        end_child(server)
 
 
 @pytest.mark.parametrize("server_tuned,client_tuned", [(False, True), (True, False), (True, True)],
