@@ -45,7 +45,7 @@ def test_soak_with_a_peer_restarting(tmp_path):
             wait_for(lambda a=a: a.view() == ids, 30, what=f"{a.name} sees all four")
         entries, churn = agents[:3], agents[3]
         clients = [
-            openai.OpenAI(base_url=a.url + "/v1", api_key="x", timeout=600, max_retries=0) for a in entries
+            openai.OpenAI(base_url=a.url + "/v1", api_key="x", timeout=600, max_retries=2) for a in entries  # the SDK default: a 503 says Retry-After
         ]
 
         def ask(client: openai.OpenAI, prompt: str) -> str:
