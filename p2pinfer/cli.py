@@ -152,12 +152,21 @@ def _cmd_warm(args: argparse.Namespace) -> int:
     settings = load_settings(overrides)
     setup_logging(settings.log_level)
     from p2pinfer.engine import EngineError, ModelCatalog, Shard, use_kernel_cache
+    from p2pinfer.progress import Bars, LoadProgress
 
     cache = use_kernel_cache(settings.data_dir)
     try:
         entry = ModelCatalog(settings.models_dirs).get(settings.model)
         t0 = time.monotonic()
-        shard = Shard.load(entry, 0, entry.n_layers, threads=settings.threads)
+        key, tracker = (entry.name, 0, entry.n_layers), LoadProgress()
+        with Bars() as bars:  # on a terminal only: weights read, kernels warmed
+            report = tracker.reporter(key)
+
+            def progress(stage: str, done: int, total: int) -> None:
+                report(stage, done, total)
+                bars.show(tracker.snapshot())
+
+            shard = Shard.load(entry, 0, entry.n_layers, threads=settings.threads, progress=progress)
     except EngineError as e:
         print(f"p2pinfer: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CONTEXT = 4096  # KV capacity per session unless the caller asks for more (up to the model's)
 WARM_CAPACITY = 2048  # the KV class warmed at load: what a request without max_tokens gets (others capture on use)
 PREFILL_CHUNK = 32  # prefill runs in padded chunks of this many positions: one JIT serves every prompt length
+
+# progress(stage, done, total) while a shard loads: stage "load" counts bytes of weights read (of
+# ModelEntry.shard_bytes), stage "warm" counts captured step templates (each one's kernels generated and
+# compiled, or found in the kernel cache). Called from the loading thread; it must be quick and not raise.
+Progress = Callable[[str, int, int], None]
 
 
 def _host_view(t: Tensor) -> np.ndarray:
@@ -71,18 +77,20 @@ class Shard:
         # measured at load: tinygrad's allocator counter for the weights (packed matrices, vectors, tables)
         self.weight_bytes_allocated = 0
         self.load_seconds = self.warm_seconds = 0.0
+        self._on_capture: Callable[[], None] | None = None  # set while warm_up reports progress
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
     def load(cls, entry: ModelEntry, start: int, end: int, max_sessions: int = 8, max_context: int | None = None,
              kv_budget_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK, warm: bool = True,
-             beam: int | None = None, threads: int | None = None) -> Shard:  # fmt: skip
+             beam: int | None = None, threads: int | None = None, progress: Progress | None = None) -> Shard:  # fmt: skip
         """Read only this range's tensors (+ embedding on the first shard, + final norm/LM head on the last).
 
         beam > 0 lets tinygrad search kernel variants while warming up (BEAM=2 measured +30 % decode,
         +50 % prefill here) at the price of minutes of search the first time; results persist in
         tinygrad's disk cache. Default: P2PINFER_BEAM from the environment, else 0.
         threads: cores the kernels run on (default: every core this process may use).
+        progress: called as progress(stage, done, total) while loading and warming (see `Progress`).
         """
         if not 0 <= start < end <= entry.n_layers:
             raise EngineError(
@@ -98,19 +106,28 @@ class Shard:
                    threads or default_threads())  # fmt: skip
         self.beam = int(os.environ.get("P2PINFER_BEAM", "0")) if beam is None else beam
         t0 = time.perf_counter()
-        self._load_weights()
+        self._load_weights(progress)
         self.load_seconds = time.perf_counter() - t0
         if warm:
             t0 = time.perf_counter()
-            self.warm_up()
+            self.warm_up(progress)
             self.warm_seconds = time.perf_counter() - t0
         log.info("loaded %s layers [%d, %d): %.1f MB weights, load %.1fs, warm %.1fs", entry.name, start, end,
                  self.weight_bytes_allocated / 1e6, self.load_seconds, self.warm_seconds)  # fmt: skip
         return self
 
-    def _load_weights(self) -> None:
+    def _load_weights(self, progress: Progress | None = None) -> None:
         """Matrices stay packed (QTensor, straight from the file's mmap); only vectors become float32 tensors."""
         source = open_source(self.entry)
+        e = self.entry
+        total, done = e.shard_bytes(self.start, self.end), 0
+
+        def read(nbytes: int) -> None:
+            nonlocal done
+            done = min(total, done + nbytes)
+            if progress is not None:
+                progress("load", done, total)
+
         try:
             cfg = self.config = source.config
             before = GlobalCounters.mem_used
@@ -118,14 +135,18 @@ class Shard:
             def to_device(v):
                 return v if isinstance(v, QTensor) else Tensor(np.ascontiguousarray(v, dtype=np.float32)).realize()
 
-            self._layers = [
-                {k: to_device(v) for k, v in source.layer(i).items()} for i in range(self.start, self.end)
-            ]
+            read(0)
+            self._layers = []
+            for i in range(self.start, self.end):
+                self._layers.append({k: to_device(v) for k, v in source.layer(i).items()})
+                read(e.layer_bytes)
             final_norm = lm_head = None
             if self.is_last:
                 final_norm, lm_head = to_device(source.final_norm()), source.lm_head()
+                read(e.head_bytes)
             # the first shard gathers embedding rows on the host; tied models share the head's packed bytes
             self._embedding: QTensor | None = source.embedding() if self.is_first else None
+            read(total - done)
             self.weight_bytes_allocated = GlobalCounters.mem_used - before
         finally:
             source.close()
@@ -145,11 +166,31 @@ class Shard:
     def _capacity_for(self, max_tokens: int) -> int:
         return next(c for c in capacity_classes(self.max_context) if c >= max_tokens)
 
-    def warm_up(self) -> None:
+    def warm_up(self, progress: Progress | None = None) -> None:
         """Capture and compile the decode and prefill steps now, so requests never pay for it."""
         capacity = self._capacity_for(min(WARM_CAPACITY, self.max_context))
-        for t in (1, self.prefill_chunk):
-            self._plan(t, capacity)
+        steps = (1, self.prefill_chunk)
+        if progress is None:
+            for t in steps:
+                self._plan(t, capacity)
+            return
+        # one template per distinct layer signature (+ the head on the last shard), per step
+        per_step = len({layer_signature(w) for w in self._layers}) + int(self.is_last)
+        total, done = per_step * len(steps), 0
+
+        def captured() -> None:
+            nonlocal done
+            done = min(total, done + 1)
+            progress("warm", done, total)
+
+        progress("warm", 0, total)
+        self._on_capture = captured
+        try:
+            for t in steps:
+                self._plan(t, capacity)
+        finally:
+            self._on_capture = None
+        progress("warm", total, total)  # steps captured earlier count as warm
 
     def _plan(self, t: int, capacity: int) -> _StepPlan:
         """The step for chunks of `t` positions over KV of `capacity`: one captured layer per weight
@@ -200,7 +241,10 @@ class Shard:
         jit = TinyJit(fn)
         jit.cnt = 1  # capture on the first call: everything it reads is realized already
         jit(*args)
-        return StepTemplate(jit)
+        template = StepTemplate(jit)
+        if self._on_capture is not None:
+            self._on_capture()
+        return template
 
     # ---- sessions ------------------------------------------------------------------------------------
     def _kv_bytes_in_use(self) -> int:
