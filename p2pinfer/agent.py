@@ -35,10 +35,11 @@ from p2pinfer.net.addrs import (
     parse_multiaddr,
     parse_peer_addr,
 )
-from p2pinfer.net.dialer import Dialer
 from p2pinfer.net.gossip import Gossip
 from p2pinfer.net.host import build_host
+from p2pinfer.net.keeper import Keeper
 from p2pinfer.net.mdns import MdnsDiscovery
+from p2pinfer.net.streams import Streams
 from p2pinfer.serve.entry import EntryService
 from p2pinfer.serve.links import Linker
 from p2pinfer.serve.member import Member
@@ -140,7 +141,7 @@ class Agent:
         self.memory_total, _ = memory_info()
         self.compute = measure_compute() if s.compute else 0.0
         self.host = build_host(self.identity.key_pair, self.secret, self.listen)
-        self.dialer = Dialer(self.host)
+        self.dialer = Keeper(self.host)  # dials, pings, closes and forgets connections
         self.membership = Membership(
             self.identity,
             self.secret,
@@ -161,7 +162,7 @@ class Agent:
                         ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
         self.shards = ShardHost(s.memory_limit, self.membership.poke, threads=s.threads)
         self.member = Member(self.catalog, self.shards, self.membership.poke, can_compute=s.compute)
-        self.linker = Linker(self.host, self.peer_id, self.member.handle, self.dialer.ensure_connected)
+        self.linker = Linker(Streams(self.dialer), self.peer_id, self.member.handle)
         self.member.linker = self.linker
         self.entry = EntryService(self.peer_id, self.catalog, self.linker, self.membership.view.records,
                                   s.max_requests)  # fmt: skip

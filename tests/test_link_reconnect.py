@@ -47,6 +47,13 @@ def _host(seed: bytes | None = None, port: int = 0):
     return me, build_host(me.key_pair, SECRET, listen), listen
 
 
+def _streams(host):
+    from p2pinfer.net.keeper import Keeper
+    from p2pinfer.net.streams import Streams
+
+    return Streams(Keeper(host))
+
+
 async def _peer(mode: str, port: str = "0") -> None:
     """Echoes ring frames. mode "close": closes its connections 0.7 s after the first one appears;
     "fixed": the same peer id and port every time it starts (a restarted agent).
@@ -72,7 +79,7 @@ async def _peer(mode: str, port: str = "0") -> None:
         except LinkClosed:
             pass
 
-    Linker(host, str(me.peer_id), echo)
+    Linker(_streams(host), str(me.peer_id), echo)
     async with host.run(listen):
         print(f"{host.get_addrs()[0]}", flush=True)
         swarm = host.get_network()
@@ -95,7 +102,7 @@ async def _opens_across_a_close(addr: str) -> None:
     async def refuse(link) -> None:
         return None
 
-    linker = Linker(host, str(me.peer_id), refuse)
+    linker = Linker(_streams(host), str(me.peer_id), refuse)
     info = parse_peer_addr(addr)
     out = {
         "linker_ok": 0,
@@ -156,7 +163,7 @@ async def _slow_open(addr: str) -> None:
     async def refuse(link) -> None:
         return None
 
-    linker = Linker(host, str(me.peer_id), refuse)
+    linker = Linker(_streams(host), str(me.peer_id), refuse)
     info = parse_peer_addr(addr)
     out: dict = {}
     async with host.run(listen):
@@ -204,7 +211,7 @@ async def _restart(addr: str) -> None:
         except LinkClosed as e:
             return str(e)
 
-    linker = Linker(host, str(me.peer_id), refuse)
+    linker = Linker(_streams(host), str(me.peer_id), refuse)
     info = parse_peer_addr(addr)
     host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
     out = {}
@@ -229,7 +236,7 @@ async def _last_frames(addr: str) -> None:
     async def refuse(link) -> None:
         return None
 
-    linker = Linker(host, str(me.peer_id), refuse)
+    linker = Linker(_streams(host), str(me.peer_id), refuse)
     info = parse_peer_addr(addr)
     got, end = [], ""
     async with host.run(listen):

@@ -7,13 +7,13 @@ break a ring with both peers alive. It is not: 0.8.1's auto-tuning has grown the
 the time the link carries data (credit goes back during protocol negotiation), and a process that
 does not run does not drain its socket either, so the writer waits in TCP, which has no timeout.
 The 5 s limit bites only if a receiver's process runs but its stream reader does not read 16 MiB
-for 5 s, which RemoteLink's pump rules out. net/tuning.py's writer waits on the credit itself for up
-to 60 s anyway. This test keeps both stacks honest about it.
+for 5 s, which the framed stream's pump (net/streams.py) rules out. net/tuning.py's writer waits on
+the credit itself for up to 60 s anyway. This test keeps both stacks honest about it.
 
-Both ends are real processes on 127.0.0.1 with our host (Noise, admission, yamux) and Linker /
-RemoteLink: as the receiver's handler gets the new link, its event loop stalls for STALL_S seconds
-(time.sleep in the loop thread: nothing of it runs, as under starvation), then it reads on; the sender
-pushes BURST prefill-sized frames at once.
+Both ends are real processes on 127.0.0.1 with our host (Noise, admission, yamux) and Linker over
+net/streams.py: as the receiver's handler gets the new link, its event loop stalls for STALL_S
+seconds (time.sleep in the loop thread: nothing of it runs, as under starvation), then it reads on;
+the sender pushes BURST prefill-sized frames at once.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ def _host():
     return me, build_host(me.key_pair, SECRET, listen), listen
 
 
+def _streams(host):
+    from p2pinfer.net.keeper import Keeper
+    from p2pinfer.net.streams import Streams
+
+    return Streams(Keeper(host))
+
+
 async def _receiver() -> None:
     from p2pinfer.serve.links import LinkClosed, Linker
 
@@ -75,7 +82,7 @@ async def _receiver() -> None:
                 pass
         done.set()
 
-    Linker(host, str(me.peer_id), handle)
+    Linker(_streams(host), str(me.peer_id), handle)
     async with host.run(listen):
         print(
             f"{host.get_addrs()[0]}/p2p/{me.peer_id}".replace(f"/p2p/{me.peer_id}/p2p/", "/p2p/"), flush=True
@@ -93,7 +100,7 @@ async def _sender(addr: str) -> None:
     async def refuse(link) -> None:
         return None
 
-    linker = Linker(host, str(me.peer_id), refuse)
+    linker = Linker(_streams(host), str(me.peer_id), refuse)
     info = parse_peer_addr(addr)
     chunk = np.ones(CHUNK, np.float32)
     sent, end = 0, "complete"

@@ -3,7 +3,7 @@
 Each direction runs a real pair of processes on 127.0.0.1 (benchmarks/link.py's serving peer and its
 client, both our libp2p host with admission), one tuned and one not: a 3 MiB echo checked byte for
 byte (many yamux frames and window updates each way), bulk data, and ring frames through Linker /
-RemoteLink checked frame by frame.
+FramedStream (net/streams.py) checked frame by frame.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The libp2p host: TCP, Noise with cluster admission, yamux, one connection per peer. Nothing else.
+"""The libp2p host: TCP, Noise with cluster admission, yamux, one connection per peer. Nothing else
+(net/keeper.py keeps its connections, net/streams.py opens and serves its streams).
 
 py-libp2p 0.8.1's defaults also offer TLS, secio and plaintext, and mplex; we set every option
 explicitly so that no weaker or slower choice can be negotiated.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import multiaddr
-import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
@@ -91,30 +91,3 @@ def build_host(key_pair: KeyPair, cluster_secret: bytes, listen: list[multiaddr.
 
 async def _nothing(*args, **kwargs) -> None:
     return None
-
-
-def connection_dying(conn) -> bool:
-    """A connection py-libp2p still lists but that carries no new stream: closed, or its yamux session
-    shutting down (0.8.1 marks the SwarmConn closed only after the muxer's teardown has awaited a
-    few things; a stream opened meanwhile fails with `SwarmException: Failed to create stream`)."""
-    if conn.is_closed:
-        return True
-    muxed = getattr(conn, "muxed_conn", None)
-    shutting = getattr(muxed, "event_shutting_down", None)
-    return bool(shutting is not None and shutting.is_set()) or bool(getattr(muxed, "is_closed", False))
-
-
-async def drop_dying_connections(host: IHost, peer, wait: float = 1.0) -> int:
-    """Let the dying connections to `peer` finish closing (at most `wait` s), then unlist any left, so
-    the next stream dials afresh. Healthy connections to the peer are left alone. Returns how many."""
-    swarm = host.get_network()
-    dying = [c for c in swarm.get_connections(peer) if connection_dying(c)]
-    if not dying:
-        return 0
-    with trio.move_on_after(wait):
-        for conn in dying:
-            await conn.event_closed.wait()
-    for conn in dying:
-        if conn in swarm.get_connections(peer):
-            swarm.remove_conn(conn)
-    return len(dying)

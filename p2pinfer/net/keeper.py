@@ -1,20 +1,39 @@
-"""Keeps dialling the peers we should be connected to, with exponential backoff.
+"""The connection keeper: the one place that dials, pings, closes and forgets libp2p connections.
 
-Targets come from --bootstrap (kept forever), mDNS and gossip (kept while the peer is believed
-alive). A failing target logs once when it starts failing and once when it recovers, not on every
-retry: a departed peer must not fill the log.
+- Dialling: targets come from --bootstrap (kept forever), mDNS and gossip (kept while the peer is
+  believed alive), dialled with exponential backoff. A failing target logs once when it starts
+  failing and once when it recovers, not on every retry: a departed peer must not fill the log.
+- Stale connections, three kinds, each repaired here:
+  - closed but still listed (py-libp2p 0.8.1 sometimes keeps one after a simultaneous dial is
+    trimmed, and while it is listed nothing redials that peer): forgotten on every tick;
+  - dying (closing, its yamux session shutting down; a stream opened on it fails): dropped when a
+    stream fails to open on it (`drop_dying`, used by net/streams.py), never a healthy one;
+  - listed and open but carrying nothing (a peer silent on gossip): `repair` pings it and closes it
+    only if the ping fails on the connection, so the dialler redials.
+- Round-trip times for the routing policies (`rtt_ms`): libp2p's ping protocol, timed here.
+
+Peer ids cross this module's public methods as base58 strings, except `want`, which takes the
+PeerInfo that net/addrs.py parses.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import secrets
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
 from libp2p.abc import IHost
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import PING_LENGTH, PingService
+from libp2p.io.utils import read_exactly
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+
+from p2pinfer.net.addrs import AddressError, parse_peer_addr
 
 log = logging.getLogger("p2pinfer.dialer")
 
@@ -22,6 +41,7 @@ MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 DIAL_TIMEOUT = 6.0
 GOSSIP_DIAL_DEFER = 3.0
+REPAIR_PING_TIMEOUT = 10.0
 
 
 @dataclass
@@ -35,12 +55,48 @@ class Target:
     dialling: bool = field(default=False)
 
 
-class Dialer:
+def connection_dying(conn) -> bool:
+    """A connection py-libp2p still lists but that carries no new stream: closed, or its yamux session
+    shutting down (0.8.1 marks the SwarmConn closed only after the muxer's teardown has awaited a
+    few things; a stream opened meanwhile fails with `SwarmException: Failed to create stream`)."""
+    if conn.is_closed:
+        return True
+    muxed = getattr(conn, "muxed_conn", None)
+    shutting = getattr(muxed, "event_shutting_down", None)
+    return bool(shutting is not None and shutting.is_set()) or bool(getattr(muxed, "is_closed", False))
+
+
+async def ping_rtt_ms(host: IHost, peer: str, rounds: int) -> float:
+    """The lowest of `rounds` round trips on one libp2p ping stream to `peer`, in ms (timed here with
+    perf_counter: the library reports whole milliseconds, 0 on a LAN)."""
+    stream = await host.new_stream(ID.from_base58(peer), [PING_PROTOCOL])
+    try:
+        best = float("inf")
+        for _ in range(rounds):
+            payload = secrets.token_bytes(PING_LENGTH)
+            t0 = time.perf_counter()
+            await stream.write(payload)
+            pong = await read_exactly(stream, PING_LENGTH)
+            ms = (time.perf_counter() - t0) * 1000
+            if pong != payload:
+                raise ValueError("ping payload mismatch")
+            best = min(best, ms)
+        return best
+    finally:
+        with trio.move_on_after(1):
+            try:
+                await stream.close()
+            except Exception:
+                pass
+
+
+class Keeper:
     def __init__(self, host: IHost) -> None:
         self.host = host
         self._targets: dict[ID, Target] = {}
         self._wake = trio.Event()
 
+    # --- what is connected ------------------------------------------------
     def is_connected(self, peer: ID) -> bool:
         return any(not c.is_closed for c in self.host.get_network().get_connections(peer))
 
@@ -48,6 +104,7 @@ class Dialer:
         swarm = self.host.get_network()
         return {str(p) for p, conns in list(swarm.connections.items()) if any(not c.is_closed for c in conns)}
 
+    # --- stale connections ------------------------------------------------
     def purge_closed(self) -> None:
         """Forget connections that are closed but still listed: py-libp2p 0.8.1 sometimes keeps one
         after a simultaneous dial is trimmed, and while it is listed nothing redials that peer."""
@@ -58,6 +115,45 @@ class Dialer:
                     log.debug("forgetting a closed connection to %s", peer)
                     swarm.remove_conn(c)
 
+    async def drop_dying(self, peer: ID, wait: float = 1.0) -> int:
+        """Let the dying connections to `peer` finish closing (at most `wait` s), then unlist any left, so
+        the next stream dials afresh. Healthy connections to the peer are left alone. Returns how many."""
+        swarm = self.host.get_network()
+        dying = [c for c in swarm.get_connections(peer) if connection_dying(c)]
+        if not dying:
+            return 0
+        with trio.move_on_after(wait):
+            for conn in dying:
+                await conn.event_closed.wait()
+        for conn in dying:
+            if conn in swarm.get_connections(peer):
+                swarm.remove_conn(conn)
+        return len(dying)
+
+    async def repair(self, peer: str, timeout: float = REPAIR_PING_TIMEOUT) -> str | None:
+        """Ping `peer`'s connection; only if the ping fails on the connection, close it so the dialler
+        redials, and return why. An answer, or one that is merely slow, leaves it alone (None): a slow
+        answer is load (ours or theirs), and closing then would add a redial, a handshake and a new
+        mesh on top of the load (closing on silence alone made an overloaded cluster churn)."""
+        pid = ID.from_base58(peer)
+        try:
+            with trio.fail_after(timeout):
+                await PingService(self.host).ping(pid)
+            return None
+        except trio.TooSlowError:
+            log.debug("connected peer %s is slow to answer ping", peer)
+            return None
+        except Exception as e:
+            reason = type(e).__name__
+        with trio.move_on_after(2):
+            await self.host.get_network().close_peer(pid)
+        return reason
+
+    async def rtt_ms(self, peer: str, rounds: int) -> float:
+        """The lowest of `rounds` ping round trips to `peer`, in ms."""
+        return await ping_rtt_ms(self.host, peer, rounds)
+
+    # --- dialling ---------------------------------------------------------
     async def ensure_connected(self, peer: ID, timeout: float = DIAL_TIMEOUT) -> None:
         if self.is_connected(peer):
             return
@@ -87,10 +183,23 @@ class Dialer:
                 t.next_try = 0.0
                 self._wake.set()
 
-    def forget(self, peer: ID) -> None:
-        t = self._targets.get(peer)
+    def want_addrs(self, peer: str, addrs: Iterable[str], source: str) -> None:
+        """`want` for a peer known by its id and /p2p/ addresses (say, from its record); addresses that
+        do not parse or name another peer are ignored."""
+        infos = []
+        for a in addrs:
+            try:
+                infos.append(parse_peer_addr(a))
+            except AddressError:
+                continue
+        infos = [i for i in infos if str(i.peer_id) == peer]
+        if infos:
+            self.want(PeerInfo(infos[0].peer_id, [a for i in infos for a in i.addrs]), source)
+
+    def forget(self, peer: str) -> None:
+        t = self._targets.get(ID.from_base58(peer))
         if t is not None and not t.persistent:
-            del self._targets[peer]
+            del self._targets[t.info.peer_id]
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
