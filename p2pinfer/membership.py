@@ -2,7 +2,8 @@
 silent, dial the new.
 
 Joins the pure protocol state (cluster/announce.py: what to send when, what a message changes) to
-the network (gossip, dialer); the agent owns one.
+the network (net/gossip.py, and net/keeper.py for dialling and repairing connections); the agent
+owns one. No libp2p here: peers are base58 strings.
 """
 
 from __future__ import annotations
@@ -14,22 +15,17 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
-from libp2p.host.ping import PingService
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 
 from p2pinfer.cluster.announce import Announcer, StaleRecord
 from p2pinfer.cluster.record import Heartbeat, PeerRecord, RecordError, Want
 from p2pinfer.cluster.view import Rejected
 from p2pinfer.identity import Identity
-from p2pinfer.net.addrs import AddressError, parse_peer_addr
-from p2pinfer.net.dialer import Dialer
 from p2pinfer.net.gossip import Gossip
+from p2pinfer.net.keeper import Keeper
 
 log = logging.getLogger("p2pinfer.membership")
 
 TOPIC = "p2pinfer/peers/v1"
-PROBE_TIMEOUT = 10.0
 MAX_WAKE = 0.5  # the loop looks at new gossip neighbours and expiries at least this often
 _CHECKED_CACHE = 256
 
@@ -40,7 +36,7 @@ class Membership:
         identity: Identity,
         secret: bytes,
         gossip_factory: Callable[[Callable[[str, bytes], bool]], Gossip],
-        dialer: Dialer,
+        keeper: Keeper,
         describe: Callable[[], dict],
         ttl: float,
     ) -> None:
@@ -48,7 +44,7 @@ class Membership:
         self.peer_id = identity.peer_id.to_base58()
         self.announcer = Announcer(self.peer_id, identity.signing_key, secret, describe, ttl)
         self.view = self.announcer.view
-        self.dialer = dialer
+        self.keeper = keeper
         self.describe = describe
         self.gossip = gossip_factory(self._validate)
         self._changed = trio.Event()
@@ -56,7 +52,7 @@ class Membership:
         self._rejections: dict[str, float] = {}
         # the validator already verified these bytes: delivery takes the result instead of verifying again
         self._checked: OrderedDict[bytes, PeerRecord | Heartbeat | Want] = OrderedDict()
-        self._neighbours: set = set()
+        self._neighbours: set[str] = set()
         self.changed_at = time.monotonic()
 
     # --- our record -------------------------------------------------------
@@ -108,30 +104,25 @@ class Membership:
             return
         if got.kind == "left":
             log.info("peer %s left the cluster", got.record.peer_id)
-            self.dialer.forget(ID.from_base58(got.record.peer_id))
+            self.keeper.forget(got.record.peer_id)
         elif got.kind in ("joined", "updated"):
             if got.kind == "joined":
                 log.info("peer %s joined the view (%d peers)", got.record.peer_id, len(self.view))
             self._dial_learned(got.record)
         if got.kind in ("joined", "left"):
             self.changed_at = time.monotonic()
-        if got.kind in ("unknown", "other", "refreshed") and self.announcer.next_due() < time.monotonic() + MAX_WAKE:
+        if (
+            got.kind in ("unknown", "other", "refreshed")
+            and self.announcer.next_due() < time.monotonic() + MAX_WAKE
+        ):
             self._changed.set()  # a Want to send or to answer
 
     def _dial_learned(self, record: PeerRecord) -> None:
-        infos = []
-        for a in record.addrs:
-            try:
-                infos.append(parse_peer_addr(a))
-            except AddressError:
-                continue
-        infos = [i for i in infos if str(i.peer_id) == record.peer_id]
-        if infos:
-            self.dialer.want(PeerInfo(infos[0].peer_id, [a for i in infos for a in i.addrs]), "gossip")
+        self.keeper.want_addrs(record.peer_id, record.addrs, "gossip")
 
     # --- loops ------------------------------------------------------------
     def _watch_neighbours(self) -> None:
-        topic_peers = set(self.gossip.pubsub.peer_topics.get(self.gossip.topic, ()))
+        topic_peers = self.gossip.topic_peers()
         if topic_peers - self._neighbours:
             self.announcer.new_neighbour()
         self._neighbours = topic_peers
@@ -155,7 +146,7 @@ class Membership:
                     self._probe_quiet_connections(nursery, now)
                 for pid in [] if stalled else self.view.expire(now):
                     log.info("peer %s expired from the view (silent > %.0f s)", pid, self.view.ttl)
-                    self.dialer.forget(ID.from_base58(pid))
+                    self.keeper.forget(pid)
                     self.changed_at = time.monotonic()
                 wait = min(MAX_WAKE, self.announcer.next_due() - time.monotonic())
                 if wait > 0:
@@ -164,10 +155,9 @@ class Membership:
 
     def _probe_quiet_connections(self, nursery: trio.Nursery, now: float) -> None:
         """A directly connected peer whose records stopped for half the TTL may sit on a connection
-        py-libp2p still lists but that no longer carries streams: ping it, and only if the ping
-        fails on the connection, close it so the dialler redials. (Closing on silence alone, or on a
-        ping that only timed out, made an overloaded cluster churn.)"""
-        connected = self.dialer.connected_peers()
+        py-libp2p still lists but that no longer carries streams: the keeper pings it and closes it
+        only if the ping fails on the connection; then we want it dialled again."""
+        connected = self.keeper.connected_peers()
         for e in self.view.entries():
             pid = e.record.peer_id
             quiet = now - e.received_at > self.view.ttl / 2
@@ -179,22 +169,11 @@ class Membership:
             nursery.start_soon(self._probe, e.record)
 
     async def _probe(self, record: PeerRecord) -> None:
-        peer = ID.from_base58(record.peer_id)
-        try:
-            with trio.fail_after(PROBE_TIMEOUT):
-                await PingService(self.dialer.host).ping(peer)
-            return
-        except trio.TooSlowError:
-            # a slow answer is load (ours or theirs), not a dead connection: closing it would add a
-            # redial, a handshake and a new mesh on top of the load
-            log.debug("connected peer %s is silent and slow to answer ping", record.peer_id)
-            return
-        except Exception as e:
-            log.info("connected peer %s is silent and its connection fails (%s): reconnecting",
-                     record.peer_id, type(e).__name__)  # fmt: skip
-        with trio.move_on_after(2):
-            await self.dialer.host.get_network().close_peer(peer)
-        self._dial_learned(record)
+        failed = await self.keeper.repair(record.peer_id)
+        if failed:
+            log.info("connected peer %s is silent and its connection failed (%s): reconnecting",
+                     record.peer_id, failed)  # fmt: skip
+            self._dial_learned(record)
 
     async def leave(self) -> None:
         """Tell every peer we are going, so they drop us at once instead of after the TTL."""
@@ -205,7 +184,7 @@ class Membership:
 
     def snapshot(self) -> list[dict]:
         now = time.monotonic()
-        connected = self.dialer.connected_peers()
+        connected = self.keeper.connected_peers()
         out = []
         for e in self.view.entries():
             d = dataclasses.asdict(e.record)

@@ -170,5 +170,9 @@ class Gossip:
                 msg = await self._subscription.get()
                 await on_message(bytes(msg.data))
 
+    def topic_peers(self) -> set[str]:
+        """The peers subscribed to our topic, as far as the router knows."""
+        return {str(p) for p in self.pubsub.peer_topics.get(self.topic, ())}
+
     async def publish(self, data: bytes) -> None:
         await self.pubsub.publish(self.topic, data)

@@ -1,9 +1,8 @@
 """What the measured routing policies need, measured at this peer and published in its record.
 
 - Link RTT: every PROBE_INTERVAL this peer pings connected peers in its view (PROBES_PER_ROUND of
-  them, those measured longest ago first) over libp2p's ping protocol (one stream, PINGS round
-  trips, timed here with perf_counter: the library reports whole milliseconds, 0 on a LAN) and keeps
-  the lowest, smoothed (EWMA).
+  them, those measured longest ago first) over libp2p's ping protocol (net/keeper.py: one stream,
+  PINGS round trips, timed with perf_counter) and keeps the lowest, smoothed (EWMA).
 - Tokens/s: requests entered here that finished (the OpenAI routes' recent list) give the decode
   rate of their ring; every member of the ring is credited with it (a ring is as fast as its
   slowest member, so a fast peer seen only in slow rings is underrated until it serves alone).
@@ -17,7 +16,6 @@ given to the entry's routing policies together with what the other records say
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 
 import trio
@@ -82,31 +80,10 @@ class Measurements:
 
 
 async def ping_ms(host, peer_id: str) -> float:
-    """The lowest of PINGS round trips on one ping stream, in ms."""
-    from libp2p.host.ping import ID as PING
-    from libp2p.host.ping import PING_LENGTH
-    from libp2p.io.utils import read_exactly
-    from libp2p.peer.id import ID
+    """The lowest of PINGS round trips on one ping stream, in ms (net/keeper.py does the pinging)."""
+    from p2pinfer.net.keeper import ping_rtt_ms  # libp2p is imported only where pinging happens
 
-    stream = await host.new_stream(ID.from_base58(peer_id), [PING])
-    try:
-        best = float("inf")
-        for _ in range(PINGS):
-            payload = secrets.token_bytes(PING_LENGTH)
-            t0 = time.perf_counter()
-            await stream.write(payload)
-            pong = await read_exactly(stream, PING_LENGTH)
-            ms = (time.perf_counter() - t0) * 1000
-            if pong != payload:
-                raise ValueError("ping payload mismatch")
-            best = min(best, ms)
-        return best
-    finally:
-        with trio.move_on_after(1):
-            try:
-                await stream.close()
-            except Exception:
-                pass
+    return await ping_rtt_ms(host, peer_id, PINGS)
 
 
 def _peers(extra: dict) -> tuple:
