@@ -106,7 +106,12 @@ class Peer:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _percent(rest: list) -> str:
+    """A loading entry's progress (weights read, then kernels warmed), as the record gossips it (0..1)."""
+    return f"{100 * float(rest[0]):.0f}%" if rest else ""
 
 
 def peers_table(cluster: dict) -> Table:
@@ -123,9 +128,9 @@ def peers_table(cluster: dict) -> Table:
         if not p.get("can_compute"):
             flags.append("[yellow]gateway[/]")
         layers = ", ".join(f"{m} [{s}, {e})" for m, s, e in p.get("layers", [])) or "-"
-        loading = [f"{m} [{s}, {e})" for m, s, e, *_ in p.get("loading", [])]
+        loading = [f"{m} [{s}, {e}) {_percent(rest)}" for m, s, e, *rest in p.get("loading", [])]
         if loading:
-            layers += "  [yellow]loading " + ", ".join(loading) + "[/]"
+            layers = ("" if layers == "-" else layers + "\n") + "[yellow]loading " + ", ".join(loading) + "[/]"
         t.add_row(p["peer_id"][-6:], " ".join(flags), f"{_gib(p['memory_free'])} of {_gib(p['memory_total'])}",
                   layers, str(p.get("active_requests", 0)), f"{p.get('compute', 0)}", f"{p.get('age', 0):.1f}s")  # fmt: skip
     return t

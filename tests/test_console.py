@@ -3,7 +3,10 @@ real agent on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import sys
+import threading
+import urllib.request
 
 import pexpect
 import pytest
@@ -109,3 +112,31 @@ def test_status_table_and_watch(agent, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 1
+
+
+def test_status_watch_shows_a_load_in_progress(tmp_path):
+    """`p2pinfer status --watch` while a request makes an agent load its layers (cold: an empty kernel cache,
+    no warm-up at start): the range shows as loading, with the progress the record gossips, then as held."""
+    cold = AgentProcess(tmp_path, "cold", "--no-warm", secret_hex=new_secret(),
+                        env={"CACHEDB": str(tmp_path / "cold.db")})  # fmt: skip
+    cold.start()
+    try:
+        cold.wait_ready(120)
+        child = spawn(tmp_path, "status", "--url", cold.url, "--watch", "0.3")
+        child.expect("requests entered here")
+        assert not next(p for p in cold.get("/v1/cluster")["peers"] if p["self"])["loading"]
+        body = json.dumps({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
+        req = urllib.request.Request(cold.url + "/v1/chat/completions", body.encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        answered: list[int] = []
+        asker = threading.Thread(target=lambda: answered.append(urllib.request.urlopen(req, timeout=600).status))
+        asker.start()
+        child.expect(r"loading smollm2-135m \[0, 30\) +\d+%", timeout=300)
+        asker.join(600)
+        assert answered == [200]
+        child.expect(r"smollm2-135m \[0, 30\) +│")  # held, no longer loading
+        child.sendintr()
+        child.expect(pexpect.EOF)
+        child.close()
+    finally:
+        cold.stop()
