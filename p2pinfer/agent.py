@@ -16,7 +16,6 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from p2pinfer import __version__
 from p2pinfer.api.app import build_app
-from p2pinfer.api.metrics import Metrics
 from p2pinfer.api.openai import OpenAIRoutes
 from p2pinfer.config import ConfigError, Settings, is_loopback_host
 from p2pinfer.device import measure_compute, memory_info
@@ -41,8 +40,10 @@ from p2pinfer.net.keeper import Keeper
 from p2pinfer.net.mdns import MdnsDiscovery
 from p2pinfer.net.streams import Streams
 from p2pinfer.serve.entry import EntryService
+from p2pinfer.serve.generate import Generator
 from p2pinfer.serve.links import Linker
 from p2pinfer.serve.member import Member
+from p2pinfer.serve.metrics import Metrics
 from p2pinfer.serve.shards import ShardHost
 from p2pinfer.serve.spares import SparePreloader
 
@@ -164,11 +165,11 @@ class Agent:
         self.member = Member(self.catalog, self.shards, self.membership.poke, can_compute=s.compute)
         self.linker = Linker(Streams(self.dialer), self.peer_id, self.member.handle)
         self.member.linker = self.linker
-        self.entry = EntryService(self.peer_id, self.catalog, self.linker, self.membership.view.records,
-                                  s.max_requests)  # fmt: skip
+        self.entry = EntryService(self.peer_id, self.linker, self.membership.view.records, s.max_requests)
         self.metrics = Metrics()
         self.metrics.watch(lambda: len(self.membership.view.records()))
-        self.openai = OpenAIRoutes(self.catalog, self.entry, s.model, self.served_models, self.metrics)
+        self.generator = Generator(self.catalog, self.entry, self.metrics, s.model, s.routing)
+        self.openai = OpenAIRoutes(self.generator, self.served_models)
 
     async def _warm_default_model(self) -> None:
         """Load the default model whole in the background when this peer could serve it alone (a lone agent,
@@ -333,7 +334,7 @@ class Agent:
                         lambda p, a: nursery.start_soon(self._on_mdns_peer, p, a),
                     )
                     nursery.start_soon(mdns.run)
-                nursery.start_soon(self.openai.warm, self.settings.model)
+                nursery.start_soon(self.generator.warm, self.settings.model)
                 nursery.start_soon(self._warm_default_model)
                 if self.settings.compute and self.settings.preload:
                     spares = SparePreloader(self.peer_id, self.catalog, self.shards, self.membership.view.records,

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from p2pinfer.api.openai import BadRequest
 from p2pinfer.orchestrate import batches, chains
 from p2pinfer.orchestrate.fanout import branch_bodies, normalise, vote
 from p2pinfer.orchestrate.runner import Result
 from p2pinfer.orchestrate.tasks import TaskRegistry
-from p2pinfer.serve.entry import RequestError
+from p2pinfer.serve.failures import Failure, FailureKind, bad_request
 
 
 def res(text: str, lps=(), model="m") -> Result:
@@ -46,7 +45,7 @@ def test_branch_bodies():
         "p2pinfer"
     ] == {"routing": "latency"}
     for bad in ({"prompt": "x"}, {"branches": [1]}, {"branches": [{"aggregate": "all"}]}, {"seeds": 3}):
-        with pytest.raises(BadRequest):
+        with pytest.raises(Failure):
             branch_bodies(bad)
 
 
@@ -78,7 +77,7 @@ def test_plan_dependencies_and_errors():
         ({"steps": [step("a", "x", retries=-1)]}, "retries"),
         ({"steps": [step("a", "x")], "input": 3}, "input"),
     ]:
-        with pytest.raises(BadRequest, match=msg):
+        with pytest.raises(Failure, match=msg):
             chains.plan(bad)
 
 
@@ -102,7 +101,7 @@ class FakeRunner:
 
     async def parse(self, body, chat):
         if body.get("max_tokens", 1) < 0:
-            raise BadRequest("'max_tokens' must be between 1 and 1e9", "max_tokens")
+            raise bad_request("'max_tokens' must be between 1 and 1e9", "max_tokens")
         return body
 
     async def run(
@@ -137,7 +136,7 @@ def _chain(body, runner, emit=None):
 
 def test_chain_retries_a_failed_step_and_feeds_outputs(monkeypatch):
     monkeypatch.setattr(chains, "RETRY_BACKOFF", 0.0)
-    runner = FakeRunner({"a": [RequestError(503, "no ring fits")]}, delay=0.05)
+    runner = FakeRunner({"a": [Failure(FailureKind.UNAVAILABLE, "no ring fits")]}, delay=0.05)
     out = _chain({"input": "in", "steps": [step("a", "x {{input}}"), step("b", "y"),
                                            step("c", "{{steps.a}}+{{steps.b}}")]}, runner)  # fmt: skip
     s = {x["name"]: x for x in out["steps"]}
@@ -153,7 +152,7 @@ def test_chain_retries_a_failed_step_and_feeds_outputs(monkeypatch):
 
 def test_chain_gives_up_and_skips_dependents(monkeypatch):
     monkeypatch.setattr(chains, "RETRY_BACKOFF", 0.0)
-    runner = FakeRunner({"a": [RequestError(503, "x")] * 3, "b": [RequestError(400, "bad")]})
+    runner = FakeRunner({"a": [Failure(FailureKind.UNAVAILABLE, "x")] * 3, "b": [Failure(FailureKind.BAD_REQUEST, "bad")]})
     out = _chain({"steps": [step("a", "x", retries=2), step("b", "y"), step("c", "{{steps.a}}"),
                             step("d", "z")]}, runner)  # fmt: skip
     s = {x["name"]: x for x in out["steps"]}
@@ -234,7 +233,7 @@ def test_batch_resumes_only_what_is_missing_and_bounds_concurrency(tmp_path):
 
 
 def test_batch_create_cancel_and_errors(tmp_path):
-    runner = FakeRunner({"q1": [RequestError(503, "busy"), RequestError(503, "busy")]}, delay=0.01)
+    runner = FakeRunner({"q1": [Failure(FailureKind.UNAVAILABLE, "busy"), Failure(FailureKind.UNAVAILABLE, "busy")]}, delay=0.01)
     store, service = _service(tmp_path, runner)
     monkey = batches.RETRY_BACKOFF
     batches.RETRY_BACKOFF = 0.0
@@ -247,7 +246,7 @@ def test_batch_create_cancel_and_errors(tmp_path):
                     {"input_file_id": f["id"], "endpoint": "/v1/embeddings"},
                     {"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "1h"},
                     {"input_file_id": f["id"], "endpoint": "/v1/completions", "metadata": {"a": 1}}):  # fmt: skip
-            with pytest.raises(BadRequest):
+            with pytest.raises(Failure):
                 service.create(bad)
 
         async def main():
@@ -289,7 +288,7 @@ def test_a_retry_avoids_the_failed_ring_through_the_entry():
     catalog = ModelCatalog()
     name = catalog.list()[0].name
     records = [PeerRecord(p, 1, memory_free=8 << 30, compute=1.0, models=(name,)) for p in ("pa", "pb")]
-    entry = EntryService("pa", catalog, None, lambda: records, 8)
+    entry = EntryService("pa", None, lambda: records, 8)
     entry.routing_inputs = lambda: RouteInputs("pa", avoid=AVOID.get())
     model = catalog.get(name)
     seen = []
@@ -324,7 +323,7 @@ def test_chain_streams_deltas_retries_and_steps(monkeypatch):
         events.append(e)
 
     out = _chain({"steps": [step("a", "x"), step("b", "{{steps.a}}!")]},
-                 FakeRunner({"a": [RequestError(504, "stalled")]}), emit)  # fmt: skip
+                 FakeRunner({"a": [Failure(FailureKind.TIMEOUT, "stalled")]}), emit)  # fmt: skip
     assert out["output"] == "X!"
     kinds = [(e["type"], e["step"]) for e in events]
     assert kinds == [
@@ -340,7 +339,7 @@ def test_chain_streams_deltas_retries_and_steps(monkeypatch):
 
 def test_batch_lines_wait_while_the_peer_drains(tmp_path):
     """SIGTERM: the entry answers 503 to new requests; batch lines must not fail for that."""
-    runner = FakeRunner({"q1": [RequestError(503, "this peer is shutting down")]})
+    runner = FakeRunner({"q1": [Failure(FailureKind.UNAVAILABLE, "this peer is shutting down")]})
     store, service = _service(tmp_path, runner, concurrency=1)
     f = store.add_file("\n".join(line(f"q{i}") for i in range(3)).encode(), "in.jsonl", "batch")
 
@@ -387,8 +386,8 @@ def test_measurements_credit_rings_and_round_for_records():
 def test_fanout_retries_busy_branches_and_reports_errors():
     from p2pinfer.orchestrate.fanout import run_fanout
 
-    busy = RequestError(429, "busy", retry_after=0.01)
-    runner = FakeRunner({"branch0": [busy, busy], "branch1": [RequestError(503, "no ring")],
+    busy = Failure(FailureKind.BUSY, "busy", retry_after=0.01)
+    runner = FakeRunner({"branch0": [busy, busy], "branch1": [Failure(FailureKind.UNAVAILABLE, "no ring")],
                          "branch2": [busy, busy, busy]})  # fmt: skip
     bodies = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}, {"prompt": "a"}]
     task = TaskRegistry().new("fanout")

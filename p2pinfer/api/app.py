@@ -20,8 +20,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from p2pinfer import __version__
-from p2pinfer.api.metrics import CountRequests, Metrics
+from p2pinfer.api.metrics import CountRequests, metrics_endpoint
 from p2pinfer.api.security import HostGuard
+from p2pinfer.serve.metrics import Metrics
 
 PUBLIC_PATHS = {"/", "/favicon.ico"}  # the page asks for the key itself and sends it with every call
 
@@ -36,10 +37,10 @@ class AgentInfo(Protocol):
 
 
 def openai_error(
-    status: int, message: str, type_: str, code: str | None = None, headers=None
+    status: int, message: str, type_: str, code: str | None = None, headers=None, param: str | None = None
 ) -> JSONResponse:
     """OpenAI's error body shape, so the official clients raise the right exception class."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -124,7 +125,7 @@ def build_app(
     routes = [
         Route("/", index),
         Route("/favicon.ico", favicon),
-        Route("/metrics", metrics.endpoint),
+        Route("/metrics", metrics_endpoint(metrics)),
         Route("/health", health),
         Route("/v1/cluster", cluster),
         *extra_routes,

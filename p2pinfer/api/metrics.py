@@ -1,45 +1,24 @@
-"""Prometheus metrics of one peer, served as text on GET /metrics (prometheus-client, own registry)."""
+"""GET /metrics in Prometheus text format, and the middleware counting every HTTP answer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from p2pinfer.serve.metrics import Metrics
+
 KNOWN_ROUTES = {"/", "/health", "/metrics", "/v1/cluster", "/v1/requests", "/v1/models", "/v1/chat/completions",
                 "/v1/completions"}  # fmt: skip
 
 
-class Metrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.http = Counter("p2pinfer_http_requests", "HTTP requests answered, by route and status",
-                            ["route", "code"], registry=r)  # fmt: skip
-        self.completions = Counter("p2pinfer_completions", "completion requests entered here, by how they ended",
-                                   ["model", "finish"], registry=r)  # fmt: skip
-        self.tokens = Counter("p2pinfer_tokens", "tokens of requests entered here (prompt, completion)",
-                              ["model", "kind"], registry=r)  # fmt: skip
-        self.ttft = Histogram("p2pinfer_time_to_first_token_seconds", "time from request to first token",
-                              ["model"], registry=r,
-                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))  # fmt: skip
-        self.tps = Histogram("p2pinfer_decode_tokens_per_second", "tokens per second after the first, per request",
-                             ["model"], registry=r, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))  # fmt: skip
-        self.ring_size = Histogram("p2pinfer_ring_size", "members of each ring elected here", registry=r,
-                                   buckets=(1, 2, 3, 4, 6, 8, 12, 16))  # fmt: skip
-        self.replays = Counter("p2pinfer_ring_replays", "requests replayed on a new ring after a member was lost",
-                               registry=r)  # fmt: skip
-        self.peers = Gauge("p2pinfer_peers_in_view", "peers in this peer's view (itself included)", registry=r)
-        self.active = Gauge("p2pinfer_active_requests", "requests entered here and not finished", registry=r)
+def metrics_endpoint(metrics: Metrics):
+    async def endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def watch(self, peers: Callable[[], int]) -> None:
-        self.peers.set_function(peers)
-
-    async def endpoint(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+    return endpoint
 
 
 class CountRequests:

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from p2pinfer.api.app import openai_error
-from p2pinfer.api.openai import BadRequest, OpenAIRoutes, _error_response
+from p2pinfer.api.openai import failure_response, read_json
 from p2pinfer.api.security import JsonBodyGuard
 from p2pinfer.cluster.ring import Candidate, ClusterTooSmall
 from p2pinfer.cluster.routing import POLICIES, describe_inputs, known_rtt, route
@@ -41,6 +41,8 @@ from p2pinfer.orchestrate.measure import Measurements, run_probes
 from p2pinfer.orchestrate.runner import AVOID, Runner
 from p2pinfer.orchestrate.tasks import TaskRegistry
 from p2pinfer.serve.entry import candidates_for, model_needs
+from p2pinfer.serve.failures import Failure, bad_request
+from p2pinfer.serve.generate import Generator
 
 log = logging.getLogger("p2pinfer.orchestrate")
 
@@ -108,7 +110,7 @@ class TaskResponse(Response):
                         {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
                     )
                 else:
-                    await _error_response(e)(scope, receive, send)
+                    await failure_response(e)(scope, receive, send)
                 nursery.cancel_scope.cancel()
                 return
             if self.stream:
@@ -125,7 +127,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body
     )
     if not msg.is_multipart():
-        raise BadRequest("the upload is not multipart/form-data")
+        raise bad_request("the upload is not multipart/form-data")
     out = {}
     for part in msg.iter_parts():
         name = part.get_param("name", header="content-disposition")
@@ -135,13 +137,12 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
 
 
 class Orchestration:
-    def __init__(self, routes: OpenAIRoutes, data_dir: Path, *, default_routing: str = "memory",
-                 records=None, host=None, connected=None, announcer=None) -> None:  # fmt: skip
-        self.routes = routes
-        self.entry = routes.entry
-        self.runner = Runner(routes)
+    def __init__(self, generator: Generator, data_dir: Path, *, records=None, host=None, connected=None,
+                 announcer=None) -> None:  # fmt: skip
+        self.generator = generator
+        self.entry = generator.entry
+        self.runner = Runner(generator)
         self.tasks = TaskRegistry()
-        routes.default_routing = default_routing
         self.records = records or self.entry.records
         self.host, self.connected, self.announcer = host, connected, announcer
         self.measure = Measurements(self.entry.self_id)
@@ -169,7 +170,7 @@ class Orchestration:
             peers.append({"peer_id": c.peer_id, "load": c.load, "pending": inputs.pending.get(c.peer_id, 0),
                           "compute": c.compute, "rtt_ms": known_rtt(inputs, c.peer_id),
                           "observed_tps": inputs.tps.get(c.peer_id), "expected_tps": round(speeds[c.peer_id], 3)})  # fmt: skip
-        return {"default": self.routes.default_routing, "policies": list(POLICIES), "peers": peers}
+        return {"default": self.generator.default_routing, "policies": list(POLICIES), "peers": peers}
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -177,7 +178,7 @@ class Orchestration:
             await nursery.start(self.batches.run)
             if self.host is not None and self.connected is not None:
                 nursery.start_soon(run_probes, self.measure, self.host, self._probe_targets,
-                                   lambda: list(self.routes.recent), self._publish)  # fmt: skip
+                                   lambda: list(self.generator.book.recent), self._publish)  # fmt: skip
             yield
             nursery.cancel_scope.cancel()
 
@@ -211,7 +212,10 @@ class Orchestration:
         ]
 
     async def _json(self, request: Request) -> dict:
-        return await self.routes._body(request)
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise bad_request("request body must be a JSON object")
+        return body
 
     # --- fan-out and chains ---------------------------------------------------------------------
     async def fanout(self, request: Request) -> Response:
@@ -219,10 +223,10 @@ class Orchestration:
             body = await self._json(request)
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
-                raise BadRequest("'stream' must be a boolean", "stream")
+                raise bad_request("'stream' must be a boolean", "stream")
             aggregate, chat, bodies, parsed = await fanout.prepare(self.runner, body)
         except Exception as e:
-            return _error_response(e)
+            return failure_response(e)
         task = self.tasks.new("fanout", fanout.new_id())
         task.detail = {"aggregate": aggregate, "branches": len(bodies)}
 
@@ -237,10 +241,10 @@ class Orchestration:
             body = await self._json(request)
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
-                raise BadRequest("'stream' must be a boolean", "stream")
+                raise bad_request("'stream' must be a boolean", "stream")
             steps, deps, output, chain_input = await chains.prepare(self.runner, body)
         except Exception as e:
-            return _error_response(e)
+            return failure_response(e)
         task = self.tasks.new("chain", chains.new_id())
         task.detail = {"steps": [s["name"] for s in steps]}
 
@@ -271,9 +275,9 @@ class Orchestration:
 
     async def routing(self, request: Request) -> JSONResponse:
         try:
-            entry = self.routes.catalog.get(request.query_params.get("model") or self.routes.default_model)
-        except Exception as e:
-            return _error_response(e)
+            entry = self.generator.model(request.query_params.get("model"))
+        except Failure as e:
+            return failure_response(e)
         cands, needs, inputs = (
             candidates_for(self.records(), entry),
             model_needs(entry),
@@ -285,7 +289,7 @@ class Orchestration:
                 rings[p] = [[m.peer_id, m.start, m.end] for m in route(p, cands, needs, inputs=inputs)]
             except ClusterTooSmall as e:
                 rings[p] = str(e)
-        return JSONResponse({"model": entry.name, "self": self.entry.self_id, "default": self.routes.default_routing,
+        return JSONResponse({"model": entry.name, "self": self.entry.self_id, "default": self.generator.default_routing,
                              "peers": describe_inputs(cands, needs, inputs), "rings": rings})  # fmt: skip
 
     # --- files ----------------------------------------------------------------------------------
@@ -301,16 +305,16 @@ class Orchestration:
             fields = parse_multipart(ctype, data)
             purpose = fields.get("purpose", (None, b""))[1].decode("utf-8", "replace").strip()
             if purpose != "batch":
-                raise BadRequest("only purpose 'batch' is supported", "purpose")
+                raise bad_request("only purpose 'batch' is supported", "purpose")
             if "file" not in fields:
-                raise BadRequest("the upload has no 'file' field", "file")
+                raise bad_request("the upload has no 'file' field", "file")
             filename, content = fields["file"]
             if len(content) > batches.MAX_FILE_BYTES:
                 return openai_error(413, f"files are limited to {batches.MAX_FILE_BYTES} bytes",
                                     "invalid_request_error", "file_too_large")  # fmt: skip
             obj = self.batches.store.add_file(content, filename or "upload.jsonl", purpose)
         except Exception as e:
-            return _error_response(e)
+            return failure_response(e)
         return JSONResponse(obj)
 
     async def list_files(self, request: Request) -> JSONResponse:
@@ -342,7 +346,7 @@ class Orchestration:
         try:
             return JSONResponse(self.batches.create(await self._json(request)))
         except Exception as e:
-            return _error_response(e)
+            return failure_response(e)
 
     async def list_batches(self, request: Request) -> JSONResponse:
         data = self.batches.store.batches()
@@ -364,16 +368,15 @@ class Orchestration:
 
 def orchestration_for(agent) -> Orchestration | None:
     """The orchestration of a running Agent (None for an app built without the request path)."""
-    routes = getattr(agent, "openai", None)
+    generator = getattr(agent, "generator", None)
     settings = getattr(agent, "settings", None)
-    if routes is None or settings is None:
+    if generator is None or settings is None:
         return None
     membership = getattr(agent, "membership", None)
     dialer = getattr(agent, "dialer", None)
     return Orchestration(
-        routes,
+        generator,
         settings.data_dir,
-        default_routing=getattr(settings, "routing", "memory"),
         host=getattr(agent, "host", None),
         connected=dialer.connected_peers if dialer is not None else None,
         announcer=membership.announcer if membership is not None else None,

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import trio
 
-from p2pinfer.api.openai import BadRequest
-from p2pinfer.engine import UnknownModelError
+from p2pinfer.api.openai import FAILURE_HTTP
 from p2pinfer.orchestrate.runner import RETRYABLE, Runner
 from p2pinfer.orchestrate.tasks import TaskRegistry
-from p2pinfer.serve.entry import RequestError
+from p2pinfer.serve.failures import Failure, FailureKind, bad_request
 
 log = logging.getLogger("p2pinfer.batches")
 
@@ -223,25 +222,25 @@ class BatchService:
     def create(self, body: dict) -> dict:
         fid = body.get("input_file_id")
         if not isinstance(fid, str):
-            raise BadRequest("'input_file_id' must be a file id", "input_file_id")
+            raise bad_request("'input_file_id' must be a file id", "input_file_id")
         try:
             f = self.store.file(fid)
         except NotFound as e:
-            raise BadRequest(str(e), "input_file_id") from e
+            raise bad_request(str(e), "input_file_id") from e
         if f["purpose"] != "batch":
-            raise BadRequest(f"file {fid} has purpose {f['purpose']!r}, not 'batch'", "input_file_id")
+            raise bad_request(f"file {fid} has purpose {f['purpose']!r}, not 'batch'", "input_file_id")
         endpoint = body.get("endpoint")
         if endpoint not in ENDPOINTS:
-            raise BadRequest(f"'endpoint' must be one of {', '.join(ENDPOINTS)}", "endpoint")
+            raise bad_request(f"'endpoint' must be one of {', '.join(ENDPOINTS)}", "endpoint")
         window = body.get("completion_window", "24h")
         if window != "24h":
-            raise BadRequest("'completion_window' must be '24h'", "completion_window")
+            raise bad_request("'completion_window' must be '24h'", "completion_window")
         metadata = body.get("metadata")
         if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):  # fmt: skip
-            raise BadRequest("'metadata' must be an object of at most 16 string values", "metadata")
+            raise bad_request("'metadata' must be an object of at most 16 string values", "metadata")
         if self.nursery is None:
-            raise RequestError(503, "batches are not running on this peer yet")
+            raise Failure(FailureKind.UNAVAILABLE, "batches are not running on this peer yet")
         now = int(time.time())
         batch = {"id": f"batch-{uuid.uuid4().hex[:24]}", "object": "batch", "endpoint": endpoint, "errors": None,
                  "input_file_id": fid, "completion_window": window, "status": "validating",
@@ -356,20 +355,12 @@ class BatchService:
                 )
                 return {"id": line_id, "custom_id": cid, "response": {"status_code": 200, "request_id": res.id,
                         "body": res.openai_body()}, "error": None}, "output"  # fmt: skip
-            except BadRequest as e:
-                status, err_body = 400, {"message": str(e), "type": "invalid_request_error", "param": e.param,
-                                         "code": e.code}  # fmt: skip
-                break
-            except UnknownModelError as e:
-                status, err_body = 404, {"message": str(e), "type": "invalid_request_error", "param": "model",
-                                         "code": "model_not_found"}  # fmt: skip
-                break
-            except RequestError as e:
-                await self._unless_draining()
-                status, err_body = e.status, {"message": str(e), "type": "server_error" if e.status >= 500 else
-                                              "invalid_request_error", "param": None, "code": None}  # fmt: skip
-                if e.status not in RETRYABLE or attempt == TRIES - 1:
+            except Failure as e:
+                status, kind, code = FAILURE_HTTP[e.kind]
+                err_body = {"message": str(e), "type": kind, "param": e.param, "code": code}
+                if e.kind not in RETRYABLE or attempt == TRIES - 1:
                     break
+                await self._unless_draining()
                 if tracks and tracks[-1].ring:  # try a ring without the failed one's peers, if one fits
                     avoid = avoid | {m[0] for m in tracks[-1].ring}
                 await trio.sleep(max(e.retry_after or 0, RETRY_BACKOFF * (attempt + 1)))

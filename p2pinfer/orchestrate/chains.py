@@ -27,10 +27,10 @@ import uuid
 
 import trio
 
-from p2pinfer.api.openai import BadRequest, RequestCancelled
+from p2pinfer.api.openai import http_status
 from p2pinfer.orchestrate.runner import RETRYABLE, Result, Runner
 from p2pinfer.orchestrate.tasks import Task
-from p2pinfer.serve.entry import RequestError
+from p2pinfer.serve.failures import Failure, FailureKind, bad_request
 
 MAX_STEPS = 32
 MAX_RETRIES = 5
@@ -66,12 +66,12 @@ def references(step: dict, names: set[str]) -> list[str]:
                 continue
             m = STEP_REF.match(ref)
             if m is None:
-                raise BadRequest(f"step {step['name']!r}: unknown placeholder {{{{{ref}}}}} "
+                raise bad_request(f"step {step['name']!r}: unknown placeholder {{{{{ref}}}}} "
                                  "(use {{steps.NAME}} or {{input}})", "steps")  # fmt: skip
             if m.group(1) not in names:
-                raise BadRequest(f"step {step['name']!r} refers to unknown step {m.group(1)!r}", "steps")
+                raise bad_request(f"step {step['name']!r} refers to unknown step {m.group(1)!r}", "steps")
             if m.group(1) == step["name"]:
-                raise BadRequest(f"step {step['name']!r} refers to itself", "steps")
+                raise bad_request(f"step {step['name']!r} refers to itself", "steps")
             if m.group(1) not in deps:
                 deps.append(m.group(1))
     return deps
@@ -110,30 +110,30 @@ def plan(body: dict) -> tuple[list[dict], dict[str, list[str]], str, str]:
     """Validate a chain: (steps, dependencies by name, output step, input); BadRequest on any mistake."""
     steps = body.get("steps")
     if not isinstance(steps, list) or not steps:
-        raise BadRequest("'steps' must be a non-empty list of step objects", "steps")
+        raise bad_request("'steps' must be a non-empty list of step objects", "steps")
     if len(steps) > MAX_STEPS:
-        raise BadRequest(f"at most {MAX_STEPS} steps", "steps")
+        raise bad_request(f"at most {MAX_STEPS} steps", "steps")
     chain_input = body.get("input", "")
     if not isinstance(chain_input, str):
-        raise BadRequest("'input' must be a string", "input")
+        raise bad_request("'input' must be a string", "input")
     names: list[str] = []
     for s in steps:
         if not isinstance(s, dict):
-            raise BadRequest("each step must be an object", "steps")
+            raise bad_request("each step must be an object", "steps")
         n = s.get("name")
         if not isinstance(n, str) or not NAME.match(n):
-            raise BadRequest(
+            raise bad_request(
                 "each step needs a 'name' of letters, digits, _ or - (starting with a letter)", "steps"
             )
         if n in names:
-            raise BadRequest(f"two steps are named {n!r}", "steps")
+            raise bad_request(f"two steps are named {n!r}", "steps")
         if ("messages" in s) == ("prompt" in s):
-            raise BadRequest(
+            raise bad_request(
                 f"step {n!r} needs 'messages' (chat) or 'prompt' (completions), not both", "steps"
             )
         r = s.get("retries", DEFAULT_RETRIES)
         if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_RETRIES:
-            raise BadRequest(f"step {n!r}: 'retries' must be an integer from 0 to {MAX_RETRIES}", "steps")
+            raise bad_request(f"step {n!r}: 'retries' must be an integer from 0 to {MAX_RETRIES}", "steps")
         names.append(n)
     deps = {s["name"]: references(s, set(names)) for s in steps}
     # a cycle: what Kahn's algorithm cannot order
@@ -150,10 +150,10 @@ def plan(body: dict) -> tuple[list[dict], dict[str, list[str]], str, str]:
                     ready.append(m)
     if len(ordered) != len(names):
         stuck = sorted(set(names) - set(ordered))
-        raise BadRequest(f"the steps form a cycle: {', '.join(stuck)}", "steps")
+        raise bad_request(f"the steps form a cycle: {', '.join(stuck)}", "steps")
     output = body.get("output", names[-1])
     if output not in names:
-        raise BadRequest(f"'output' names no step: {output!r}", "output")
+        raise bad_request(f"'output' names no step: {output!r}", "output")
     return steps, deps, output, chain_input
 
 
@@ -171,8 +171,8 @@ async def prepare(runner: Runner, body: dict):
     for s in steps:
         try:
             await runner.parse(fill(step_body(s, body), stand_in, chain_input or "x"), "messages" in s)
-        except BadRequest as e:
-            raise BadRequest(f"step {s['name']!r}: {e}", e.param, e.code) from e
+        except Failure as e:
+            raise Failure(e.kind, f"step {s['name']!r}: {e}", param=e.param) from e
     return steps, deps, output, chain_input
 
 
@@ -213,22 +213,19 @@ async def run_chain(runner: Runner, task: Task, body: dict, steps: list[dict], d
                     parsed = await runner.parse(fill(step_body(step, body), outputs, chain_input), chat)
                     res: Result = await runner.run(parsed, chat, task=task.id, part=name, on_track=tracked,
                                                    avoid=avoid, on_text=on_text)  # fmt: skip
-                except BadRequest as e:  # e.g. an earlier output made the prompt too long
-                    me.update(state="error", error=f"400: {e}")
-                    return
-                except RequestError as e:
-                    me["error"] = f"{e.status}: {e}"
+                except Failure as e:
+                    me["error"] = f"{http_status(e.kind)}: {e}"
                     # the next try: a ring without this one's peers, if one fits
                     if tracks and tracks[-1].ring:
                         avoid = avoid | {m[0] for m in tracks[-1].ring}
-                    if e.status in RETRYABLE and attempt < retries:
+                    if e.kind in RETRYABLE and attempt < retries:
                         if emit is not None:  # what this try streamed is void
                             await emit(
                                 {"type": "retry", "step": name, "try": attempt + 2, "error": me["error"]}
                             )
                         await trio.sleep(RETRY_BACKOFF * (attempt + 1))
                         continue
-                    me["state"] = "cancelled" if isinstance(e, RequestCancelled) else "error"
+                    me["state"] = "cancelled" if e.kind is FailureKind.CANCELLED else "error"
                     return
                 outputs[name] = res.text
                 me.pop("error", None)

@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from p2pinfer.api.openai import BadRequest, RequestCancelled
+from p2pinfer.api.openai import http_status
 from p2pinfer.orchestrate.runner import Result, Runner
 from p2pinfer.orchestrate.tasks import Task
-from p2pinfer.serve.entry import RequestError
+from p2pinfer.serve.failures import Failure, FailureKind, bad_request
 
 MAX_BRANCHES = 8
 AGGREGATES = ("all", "first", "vote")
@@ -55,22 +55,22 @@ def branch_bodies(body: dict) -> list[dict]:
     branches = body.get("branches")
     given = [k for k in SHORTHANDS if k in body]
     if branches is not None and given or len(given) > 1:
-        raise BadRequest("give one of 'branches', 'models', 'seeds' or 'temperatures'", "branches")
+        raise bad_request("give one of 'branches', 'models', 'seeds' or 'temperatures'", "branches")
     if branches is None and given:
         values = body[given[0]]
         if not isinstance(values, list):
-            raise BadRequest(f"'{given[0]}' must be a list", given[0])
+            raise bad_request(f"'{given[0]}' must be a list", given[0])
         branches = [{SHORTHANDS[given[0]]: v} for v in values]
     if not isinstance(branches, list) or not branches:
-        raise BadRequest("'branches' must be a non-empty list of objects", "branches")
+        raise bad_request("'branches' must be a non-empty list of objects", "branches")
     if len(branches) > MAX_BRANCHES:
-        raise BadRequest(f"at most {MAX_BRANCHES} branches", "branches")
+        raise bad_request(f"at most {MAX_BRANCHES} branches", "branches")
     out = []
     for b in branches:
         if not isinstance(b, dict):
-            raise BadRequest("each branch must be an object of body fields", "branches")
+            raise bad_request("each branch must be an object of body fields", "branches")
         if set(b) & OWN_FIELDS:
-            raise BadRequest(f"a branch may not set {sorted(set(b) & OWN_FIELDS)}", "branches")
+            raise bad_request(f"a branch may not set {sorted(set(b) & OWN_FIELDS)}", "branches")
         merged = {**common, **b}
         ext = merged.get("p2pinfer")
         if ext is None or (isinstance(ext, dict) and "routing" not in ext):
@@ -114,13 +114,13 @@ async def prepare(runner: Runner, body: dict) -> tuple[str, bool, list[dict], li
     """Validate everything before any ring starts: (aggregate, chat, branch bodies, parsed bodies)."""
     aggregate = body.get("aggregate", "all")
     if aggregate not in AGGREGATES:
-        raise BadRequest(f"'aggregate' must be one of {', '.join(AGGREGATES)}", "aggregate")
+        raise bad_request(f"'aggregate' must be one of {', '.join(AGGREGATES)}", "aggregate")
     chat = "messages" in body
     if not chat and "prompt" not in body:
-        raise BadRequest("give 'messages' (chat) or 'prompt' (completions)", "messages")
+        raise bad_request("give 'messages' (chat) or 'prompt' (completions)", "messages")
     bodies = branch_bodies(body)
     if len(bodies) > runner.entry.max_requests:
-        raise BadRequest(f"{len(bodies)} branches exceed this peer's --max-requests {runner.entry.max_requests}",
+        raise bad_request(f"{len(bodies)} branches exceed this peer's --max-requests {runner.entry.max_requests}",
                          "branches")  # fmt: skip
     parsed = [await runner.parse(b, chat) for b in bodies]
     return aggregate, chat, bodies, parsed
@@ -144,20 +144,20 @@ async def run_fanout(runner: Runner, task: Task, aggregate: str, chat: bool, bod
                 await emit({"type": "delta", "branch": i, "content": text})
 
         res: Result | None = None
-        error: RequestError | None = None
+        error: Failure | None = None
         for attempt in range(BUSY_TRIES):
             try:
                 res = await runner.run(parsed[i], chat, task=task.id, part=f"branch{i}", on_text=on_text,
                                        want_logprobs=aggregate == "vote", on_track=tracked)  # fmt: skip
                 break
-            except RequestError as e:
+            except Failure as e:
                 error = e
-                if e.status != 429 or attempt == BUSY_TRIES - 1:
+                if e.kind is not FailureKind.BUSY or attempt == BUSY_TRIES - 1:
                     break
                 await trio.sleep(e.retry_after or 1.0)  # this peer is at --max-requests: wait a bit
         if res is None:
-            errors[i] = f"{error.status}: {error}"
-            if isinstance(error, RequestCancelled):
+            errors[i] = f"{http_status(error.kind)}: {error}"
+            if error.kind is FailureKind.CANCELLED:
                 dropped.add(i)
             state = "cancelled" if i in dropped else "error"
             if emit is not None:

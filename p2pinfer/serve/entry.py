@@ -21,9 +21,10 @@ import trio
 from p2pinfer.cluster.record import PeerRecord
 from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, repair_ring
 from p2pinfer.cluster.routing import RouteInputs, route
-from p2pinfer.engine import ModelCatalog, ModelEntry
+from p2pinfer.engine import ModelEntry
 from p2pinfer.engine.sampling import PENALTY_LAST_N
 from p2pinfer.serve import protocol as P
+from p2pinfer.serve.failures import ROUTE_AROUND, Failure, FailureKind, wire_kind
 from p2pinfer.serve.links import Link, LinkClosed, Linker
 from p2pinfer.tasks import open_nursery
 
@@ -38,15 +39,6 @@ REPLAY_BACKOFF = 0.5  # seconds, times the attempt number: the first replay star
 KV_HEADROOM_TOKENS = 2048  # KV each member must have room for, on top of its weights
 
 
-class RequestError(Exception):
-    """A request that cannot be served; carries the HTTP status the API should answer with."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-
-
 class MemberFailed(Exception):
     def __init__(self, peer: str, reason: str) -> None:
         super().__init__(f"member {peer} failed: {reason}")
@@ -56,7 +48,7 @@ class MemberFailed(Exception):
 
 @dataclass(frozen=True)
 class Generation:
-    model: str
+    model: ModelEntry
     prompt: list[int]
     max_new: int
     sampling: dict  # protocol.SAMPLING_KEYS but "recent" (the entry adds it per ring)
@@ -70,7 +62,7 @@ class Event:
     kind: str  # "token", "done", "error"
     token: int = 0
     reason: str = ""
-    error: RequestError | None = None
+    error: Failure | None = None
     logprob: float | None = None
     top: list | None = None  # [[id, logprob], ...]
 
@@ -100,10 +92,9 @@ def candidates_for(records: list[PeerRecord], entry: ModelEntry) -> list[Candida
 
 
 class EntryService:
-    def __init__(self, self_id: str, catalog: ModelCatalog, linker: Linker,
-                 records: Callable[[], list[PeerRecord]], max_requests: int) -> None:  # fmt: skip
+    def __init__(self, self_id: str, linker: Linker, records: Callable[[], list[PeerRecord]],
+                 max_requests: int) -> None:  # fmt: skip
         self.self_id = self_id
-        self.catalog = catalog
         self.linker = linker
         self.records = records
         self.max_requests = max_requests
@@ -121,7 +112,7 @@ class EntryService:
             return route(routing, candidates_for(self.records(), entry), model_needs(entry), exclude=exclude,
                          inputs=self.routing_inputs())  # fmt: skip
         except ClusterTooSmall as e:
-            raise RequestError(503, str(e), retry_after=5) from e
+            raise Failure(FailureKind.UNAVAILABLE, str(e), retry_after=5) from e
 
     def replacement_ring(self, entry: ModelEntry, previous: list[RingMember], failed: set[str],
                          lost: str, routing: str = "memory") -> list[RingMember]:  # fmt: skip
@@ -131,17 +122,16 @@ class EntryService:
                                frozenset({lost}), exclude=frozenset(failed))  # fmt: skip
         return repaired if repaired is not None else self.elect_avoiding(entry, failed, routing)
 
-    async def _until_a_ring_fits(self, entry: ModelEntry, routing: str) -> None:
-        """Elect, and if no ring fits, look again for a few seconds before answering 503: under churn
+    async def _until_a_ring_fits(self, entry: ModelEntry, routing: str) -> list[RingMember]:
+        """The request's ring; if none fits, look again for a few seconds before failing: under churn
         room comes back as a restarted peer rejoins or a finished request releases its shards."""
         with trio.move_on_after(ELECT_GRACE):
             while True:
                 try:
-                    self.elect(entry, routing=routing)
-                    return
-                except RequestError:
+                    return self.elect(entry, routing=routing)
+                except Failure:
                     await trio.sleep(0.5)
-        self.elect(entry, routing=routing)
+        return self.elect(entry, routing=routing)
 
     def elect_avoiding(self, entry: ModelEntry, failed: set[str],
                        routing: str = "memory") -> list[RingMember]:  # fmt: skip
@@ -149,7 +139,7 @@ class EntryService:
         those still alive in the view (a broken stream is not a dead peer) before giving up."""
         try:
             return self.elect(entry, frozenset(failed), routing)
-        except RequestError:
+        except Failure:
             alive = {r.peer_id for r in self.records()}
             if not failed & alive:
                 raise
@@ -157,20 +147,26 @@ class EntryService:
             return self.elect(entry, frozenset(failed - alive), routing)
 
     @asynccontextmanager
-    async def generate(self, gen: Generation) -> AsyncIterator[trio.MemoryReceiveChannel]:
-        """Yield a channel of Events for `gen`; leaving the block early cancels the ring."""
+    async def generate(self, gen: Generation,
+                       cancel: trio.CancelScope | None = None) -> AsyncIterator[trio.MemoryReceiveChannel]:  # fmt: skip
+        """Yield a channel of Events for `gen`; leaving the block early cancels the ring, and so does
+        `cancel` (the channel then ends with a CANCELLED error). A Failure raised here, before the
+        block, means no ring fits or this peer takes no more requests: nothing was sent anywhere."""
         if self.draining:
-            raise RequestError(503, "this peer is shutting down: send the request to another peer", retry_after=1)
+            raise Failure(FailureKind.UNAVAILABLE, "this peer is shutting down: send the request to another peer",
+                          retry_after=1)  # fmt: skip
         if self.active >= self.max_requests:
-            raise RequestError(429, f"this peer is serving {self.active} requests, its limit", retry_after=1)
-        entry = self.catalog.get(gen.model)
-        await self._until_a_ring_fits(entry, gen.routing)  # a 503 must go out before any streaming starts
-        tx, rx = trio.open_memory_channel[Event](1024)
+            raise Failure(
+                FailureKind.BUSY, f"this peer is serving {self.active} requests, its limit", retry_after=1
+            )
+        entry = gen.model
         self.active += 1
         rid = gen.request_id or uuid.uuid4().hex
         try:
-            async with open_nursery() as nursery:
-                nursery.start_soon(self._drive, rid, entry, gen, tx)
+            ring = await self._until_a_ring_fits(entry, gen.routing)  # the request's one election
+            tx, rx = trio.open_memory_channel[Event](1024)
+            async with open_nursery() as nursery:  # what the consumer raises comes out as itself
+                nursery.start_soon(self._drive, rid, entry, gen, ring, tx, cancel or trio.CancelScope())
                 try:
                     yield rx
                 finally:
@@ -179,19 +175,23 @@ class EntryService:
             self.active -= 1
             self.rings.pop(rid, None)
 
-    async def _drive(self, rid: str, entry: ModelEntry, gen: Generation, tx: trio.MemorySendChannel) -> None:
+    async def _drive(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
+                     tx: trio.MemorySendChannel, cancel: trio.CancelScope) -> None:  # fmt: skip
         """Run the request to the end, replaying on a new ring when a member is lost."""
         try:
-            await self._drive_rings(rid, entry, gen, tx)
+            with cancel:
+                await self._drive_rings(rid, entry, gen, ring, tx)
+            if cancel.cancelled_caught:
+                await tx.send(
+                    Event("error", error=Failure(FailureKind.CANCELLED, f"request {rid} was cancelled"))
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the consumer left (client gone, stop string): nothing more to deliver
 
-    async def _drive_rings(
-        self, rid: str, entry: ModelEntry, gen: Generation, tx: trio.MemorySendChannel
-    ) -> None:
+    async def _drive_rings(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
+                           tx: trio.MemorySendChannel) -> None:  # fmt: skip
         generated: list[int] = []
         excluded: set[str] = set()
-        ring: list[RingMember] = []
         lost = ""
         stalled = 0  # failures in a row with no token in between: a request that progresses never gives up
         async with tx:
@@ -200,7 +200,7 @@ class EntryService:
                 try:
                     if lost:
                         ring = self.replacement_ring(entry, ring, excluded, lost, gen.routing)
-                    else:
+                    elif attempt:
                         ring = self.elect_avoiding(entry, excluded, gen.routing)
                     self.rings[rid] = ring
                     self.on_ring(rid, ring, attempt)
@@ -221,12 +221,12 @@ class EntryService:
                     stalled = 1 if len(generated) > before else stalled + 1
                     if stalled > MAX_REPLAYS:
                         log.warning("request %s: %d rings failed in a row; giving up", rid[:12], stalled)
-                        await tx.send(Event("error", error=RequestError(
-                            503, f"{stalled} rings failed in a row without a token; giving up", retry_after=5)))  # fmt: skip
+                        await tx.send(Event("error", error=Failure(FailureKind.UNAVAILABLE,
+                            f"{stalled} rings failed in a row without a token; giving up", retry_after=5)))  # fmt: skip
                         return
                     # a member still tearing down the last try, or a connection being redialled
                     await trio.sleep(min(2.0, REPLAY_BACKOFF * (stalled - 1)))
-                except RequestError as e:
+                except Failure as e:
                     await tx.send(Event("error", error=e))
                     return
 
@@ -256,9 +256,11 @@ class EntryService:
                     for link in controls:
                         nursery.start_soon(self._expect_ready, link)
             if scope.cancelled_caught:
-                raise RequestError(504, f"ring members not ready within {READY_TIMEOUT:.0f} s")
+                raise Failure(FailureKind.TIMEOUT, f"ring members not ready within {READY_TIMEOUT:.0f} s")
             replay = not rid.endswith("-0")  # a replay's wait is what its client sees as a stall
-            (log.info if replay else log.debug)("request %s: ring ready in %.2f s", rid, time.monotonic() - t0)
+            (log.info if replay else log.debug)(
+                "request %s: ring ready in %.2f s", rid, time.monotonic() - t0
+            )
             for i, link in enumerate(controls):
                 await self._send(link, {"t": P.START}, prompt if i == 0 else None)
             return await self._collect(controls, generated, tx)
@@ -276,10 +278,10 @@ class EntryService:
             raise MemberFailed(link.peer, str(e)) from e
         kind = frame.header.get("t")
         if kind == P.ERROR:
-            code, msg = int(frame.header.get("code", 500)), str(frame.header.get("msg", ""))
-            if code in (429, 503):  # busy or out of memory there: another ring may do
+            failure, msg = wire_kind(frame.header.get("kind")), str(frame.header.get("msg", ""))
+            if failure in ROUTE_AROUND:  # busy or out of memory there: another ring may do
                 raise MemberFailed(link.peer, msg)
-            raise RequestError(code if code in (400, 404, 409) else 500, f"member {link.peer}: {msg}")
+            raise Failure(failure, f"member {link.peer}: {msg}")
         if kind != P.READY:
             raise MemberFailed(link.peer, f"unexpected {kind!r} instead of ready")
 
@@ -310,7 +312,7 @@ class EntryService:
                 except LinkClosed as e:
                     raise MemberFailed(link.peer, str(e)) from e
             if scope.cancelled_caught:
-                raise RequestError(504, f"ring stalled: no token for {timeout:.0f} s")
+                raise Failure(FailureKind.TIMEOUT, f"ring stalled: no token for {timeout:.0f} s")
             timeout = TOKEN_TIMEOUT
             kind = frame.header.get("t")
             if kind == P.TOK:
@@ -338,11 +340,11 @@ def _member_error(peer: str, header: dict) -> MemberFailed:
 
 @contextmanager
 def first_error():
-    """Surface the first RequestError or MemberFailed from a nursery's exception group as itself."""
+    """Surface the first Failure or MemberFailed from a nursery's exception group as itself."""
     try:
         yield
     except BaseExceptionGroup as group:
-        for kind in (RequestError, MemberFailed):
+        for kind in (Failure, MemberFailed):
             matched, _ = group.split(kind)
             if matched is not None:
                 leaf = matched

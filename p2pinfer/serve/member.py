@@ -25,6 +25,7 @@ from p2pinfer.engine import (
     UnknownModelError,
 )
 from p2pinfer.serve import protocol as P
+from p2pinfer.serve.failures import FailureKind as F
 from p2pinfer.serve.links import Link, LinkClosed, Linker
 from p2pinfer.serve.shards import ShardHost
 from p2pinfer.tasks import open_nursery
@@ -33,6 +34,10 @@ log = logging.getLogger("p2pinfer.member")
 
 INBOUND_TIMEOUT = 30.0  # the previous member connects right after `start`
 LINGER_TIMEOUT = 30.0  # how long a finished member waits for the entry to close the request
+
+
+def _error(kind: F, msg: str, **extra) -> dict:
+    return {"t": P.ERROR, "kind": kind.value, "msg": msg, **extra}
 
 
 class NeighbourLost(Exception):
@@ -129,43 +134,41 @@ class Member:
         try:
             req = P.OpenRequest.from_header(header)
         except P.ProtocolError as e:
-            await control.send({"t": P.ERROR, "code": 400, "msg": str(e)})
+            await control.send(_error(F.BAD_REQUEST, str(e)))
             return
         if not self.can_compute:
-            await control.send({"t": P.ERROR, "code": 503, "msg": "this peer is a gateway (--no-compute)"})
+            await control.send(_error(F.UNAVAILABLE, "this peer is a gateway (--no-compute)"))
             return
         if self.draining:
-            await control.send({"t": P.ERROR, "code": 503, "msg": "this peer is shutting down"})
+            await control.send(_error(F.UNAVAILABLE, "this peer is shutting down"))
             return
         try:
             params = SamplingParams(**req.sampling, stop_token_ids=req.stop_ids)
         except (TypeError, ValueError) as e:
-            await control.send({"t": P.ERROR, "code": 400, "msg": f"bad sampling parameters: {e}"})
+            await control.send(_error(F.BAD_REQUEST, f"bad sampling parameters: {e}"))
             return
         if req.rid in self._active:
-            await control.send({"t": P.ERROR, "code": 409, "msg": "duplicate request id"})
+            await control.send(_error(F.CONFLICT, "duplicate request id"))
             return
         try:
             entry = self.catalog.get(req.model)
         except UnknownModelError as e:
-            await control.send({"t": P.ERROR, "code": 404, "msg": str(e)})
+            await control.send(_error(F.UNKNOWN_MODEL, str(e)))
             return
         if entry.n_layers != req.n_layers:
-            await control.send(
-                {"t": P.ERROR, "code": 409, "msg": f"{req.model} has {entry.n_layers} layers here"}
-            )
+            await control.send(_error(F.CONFLICT, f"{req.model} has {entry.n_layers} layers here"))
             return
         try:
             shard = await self.shards.acquire(entry, req.start, req.end)
         except EngineError as e:
-            await control.send({"t": P.ERROR, "code": 503, "msg": f"cannot load layers: {e}"})
+            await control.send(_error(F.UNAVAILABLE, f"cannot load layers: {e}"))
             return
         active = _Active(req)
         try:
             try:
                 await self.shards.compute(shard.open_session, req.rid, req.ctx)
             except (SessionLimitError, ContextLimitError) as e:
-                await control.send({"t": P.ERROR, "code": 429, "msg": str(e)})
+                await control.send(_error(F.BUSY, str(e)))
                 return
             self._active[req.rid] = active
             self._registered.pop(req.rid, trio.Event()).set()
@@ -182,14 +185,14 @@ class Member:
             log.info("request %s: our part ended early: %s", req.rid[:12], e)
             with trio.move_on_after(2):
                 try:
-                    await control.send({"t": P.ERROR, "code": 502, "msg": str(e), "lost": e.peer})
+                    await control.send(_error(F.UNAVAILABLE, str(e), lost=e.peer))
                 except LinkClosed:
                     pass
         except EngineError as e:
             log.warning("request %s failed in the engine: %s", req.rid[:12], e)
             with trio.move_on_after(2):
                 try:
-                    await control.send({"t": P.ERROR, "code": 500, "msg": f"engine error: {e}"})
+                    await control.send(_error(F.INTERNAL, f"engine error: {e}"))
                 except LinkClosed:
                     pass
         finally:

@@ -2,7 +2,7 @@
 
 Control link (entry -> each member, one per member per request):
   entry -> member  open   {rid, model, n_layers, ring: [[peer, start, end]...], i, sampling, stop_ids, max_new, ctx}
-  member -> entry  ready  {} | error {code, msg}
+  member -> entry  ready  {} | error {kind, msg}   (kind: serve/failures.py FailureKind values)
   entry -> member  start  {}            (index 0's start frame carries the prompt as an int32 tensor)
   last -> entry    tok    {id, [lp, top]}  ...  done {reason: "stop" | "length"}
                    (lp: the token's logprob, top: [[id, logprob]...], when sampling asks for logprobs)
