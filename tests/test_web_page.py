@@ -104,9 +104,12 @@ def test_page_streams_an_answer_and_maps_the_ring(cluster, browser, tmp_path):
     answer = page.locator("#messages .msg.assistant .text").last
     lengths: list[int] = []
     deadline = time.monotonic() + 600
-    shot_mid = False
+    shot_mid = shot_loading = False
     while time.monotonic() < deadline:
         n = len(answer.text_content() or "")
+        if not n and not shot_loading and page.locator("#peers .seg.loading").count():
+            page.screenshot(path=str(tmp_path / "2a-loading.png"), full_page=True)  # when a poll caught it
+            shot_loading = True
         if not lengths or n != lengths[-1]:
             lengths.append(n)
         if n and not shot_mid:
@@ -176,3 +179,56 @@ def test_logprobs_and_penalties_cross_a_three_peer_ring(cluster):
     assert MODEL in [m.id for m in ring.data]
     reqs = cluster["b"].get("/v1/requests")["data"]
     assert all(len(x["ring"]) == 3 for x in reqs if x["state"] == "done"), reqs
+
+
+def test_page_shows_loading_progress_memory_and_rings_in_use(cluster, browser, tmp_path):
+    """States that last a moment in a real run (a range loading, a ring in use) drawn from the real cluster's
+    answers with such a state added (Playwright rewrites /v1/cluster and /v1/models on their way to the page)."""
+    a = cluster["a"]
+    real = a.get("/v1/cluster")
+    held = {p["peer_id"]: p["layers"] for p in real["peers"] if p["layers"]}
+    assert len(held) == 3, real  # after the first test's request: three peers, a range each
+    ring = sorted(([pid, s, e] for pid, layers in held.items() for _, s, e in layers), key=lambda m: m[1])
+    loader = ring[0][0]  # this peer also loads the next peer's range, 40 % of the way
+    _, s2, e2 = ring[1]
+    rid = "chatcmpl-pagetest0001"
+
+    def cluster_with_states(route):
+        resp = route.fetch()
+        data = resp.json()
+        data["rings"][rid] = ring
+        for p in data["peers"]:
+            if p["peer_id"] == loader:
+                p["loading"] = [[MODEL, s2, e2, 0.4]]
+        route.fulfill(response=resp, json=data)
+
+    def models_with_sizes(route):
+        resp = route.fetch()
+        data = resp.json()
+        for m in data["data"]:
+            m.update(layer_bytes=2**20, embed_bytes=8 * 2**20, head_bytes=8 * 2**20, embed_reuses_head=True)
+        route.fulfill(response=resp, json=data)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.route("**/v1/cluster", cluster_with_states)
+    page.route("**/v1/models", models_with_sizes)
+    page.goto(a.url + "/")
+    until(lambda: page.locator("#peers .seg.loading").count() == 1, 30, "the loading range on the map")
+    card = page.locator(f'#peers .peer[data-peer="{loader}"]')
+    assert "loading 40%" in card.locator(".tag.load").text_content()
+    seg = card.locator(".seg.loading")
+    assert seg.text_content() == f"loading {s2}–{e2} · 40%"
+    assert "width:40%" in seg.locator(".fill").get_attribute("style").replace(" ", "")
+    assert f"loading [{s2}, {e2}) 40%" in card.locator(".barlabel").last.text_content()
+    for pid, s, e in ring:  # every member of the ring in use is marked, on the range the ring uses
+        c = page.locator(f'#peers .peer[data-peer="{pid}"]')
+        assert c.locator(".tag.ring").text_content() == "in 1 ring"
+        busy = c.locator(".seg.busy")
+        assert busy.count() == 1 and busy.text_content() == f"{s}–{e}"
+        assert rid[-8:] in busy.get_attribute("title")
+        # memory: what its layers use (from the model's sizes) and what it still offers
+        used = (e - s) * 2**20 + (8 * 2**20 if s == 0 else 0) + (8 * 2**20 if e == 30 else 0)
+        assert f"memory: {used // 2**20} MiB used by layers" in c.locator(".barlabel").first.text_content()
+    assert "1 ring(s) in use" in page.text_content("#clusterinfo")
+    page.screenshot(path=str(tmp_path / "6-loading-rings.png"), full_page=True)
+    page.close()
