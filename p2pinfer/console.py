@@ -85,7 +85,9 @@ class Peer:
             resp = conn.getresponse()
         except OSError as e:
             conn.close()
-            raise ClientError(f"cannot reach {self.url}: {e.strerror or e} (is `p2pinfer run` running?)") from e
+            raise ClientError(
+                f"cannot reach {self.url}: {e.strerror or e} (is `p2pinfer run` running?)"
+            ) from e
         if resp.status >= 400:
             data = resp.read()
             conn.close()
@@ -130,7 +132,9 @@ def peers_table(cluster: dict) -> Table:
         layers = ", ".join(f"{m} [{s}, {e})" for m, s, e in p.get("layers", [])) or "-"
         loading = [f"{m} [{s}, {e}) {_percent(rest)}" for m, s, e, *rest in p.get("loading", [])]
         if loading:
-            layers = ("" if layers == "-" else layers + "\n") + "[yellow]loading " + ", ".join(loading) + "[/]"
+            layers = (
+                ("" if layers == "-" else layers + "\n") + "[yellow]loading " + ", ".join(loading) + "[/]"
+            )
         t.add_row(p["peer_id"][-6:], " ".join(flags), f"{_gib(p['memory_free'])} of {_gib(p['memory_total'])}",
                   layers, str(p.get("active_requests", 0)), f"{p.get('compute', 0)}", f"{p.get('age', 0):.1f}s")  # fmt: skip
     return t
@@ -197,7 +201,9 @@ class ChatSession:
 
 
 class Chat:
-    def __init__(self, session: ChatSession, console: Console | None = None, history_file: Path | None = None):
+    def __init__(
+        self, session: ChatSession, console: Console | None = None, history_file: Path | None = None
+    ):
         self.s = session
         self.console = console or Console(highlight=False)
         self.history_file = history_file
@@ -236,7 +242,9 @@ class Chat:
             return 1
         if self.s.model is None:
             self.s.model = models[0] if models else None
-        c.print(f"[bold]p2pinfer chat[/] · {self.s.peer.url} · model [cyan]{self.s.model}[/] · /help for commands")
+        c.print(
+            f"[bold]p2pinfer chat[/] · {self.s.peer.url} · model [cyan]{self.s.model}[/] · /help for commands"
+        )
         try:
             while True:
                 try:
@@ -273,7 +281,9 @@ class Chat:
                 c.print(peers_table(self.s.peer.get("/v1/cluster")))
             elif cmd == "/status":
                 health = self.s.peer.get("/health")
-                c.print(f"peer {health['peer_id']} ({health['status']}, up {health['uptime']} s) at {self.s.peer.url}")
+                c.print(
+                    f"peer {health['peer_id']} ({health['status']}, up {health['uptime']} s) at {self.s.peer.url}"
+                )
                 c.print(f"model {self.s.model} · history: {len(self.s.history)} messages · sampling: "
                         f"{self.s.sampling or 'model defaults'}", markup=False)  # fmt: skip
                 c.print(requests_table(self.s.peer.get("/v1/requests")["data"]))

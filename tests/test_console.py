@@ -129,7 +129,9 @@ def test_status_watch_shows_a_load_in_progress(tmp_path):
         req = urllib.request.Request(cold.url + "/v1/chat/completions", body.encode(),
                                      {"Content-Type": "application/json"})  # fmt: skip
         answered: list[int] = []
-        asker = threading.Thread(target=lambda: answered.append(urllib.request.urlopen(req, timeout=600).status))
+        asker = threading.Thread(
+            target=lambda: answered.append(urllib.request.urlopen(req, timeout=600).status)
+        )
         asker.start()
         child.expect(r"loading smollm2-135m \[0, 30\) +\d+%", timeout=300)
         asker.join(600)

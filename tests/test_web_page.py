@@ -52,7 +52,9 @@ def cluster(tmp_path_factory):
 
         def ready_to_compute(x: AgentProcess) -> bool:  # full records, not only heartbeats, of all three
             peers = x.get("/v1/cluster")["peers"]
-            return sum(1 for p in peers if MODEL in p["models"] and p["memory_free"] >= 0.9 * LIMIT_BYTES) >= 3
+            return (
+                sum(1 for p in peers if MODEL in p["models"] and p["memory_free"] >= 0.9 * LIMIT_BYTES) >= 3
+            )
 
         for x in (a, b):
             wait_for(lambda x=x: ready_to_compute(x), 90, what=f"{x.name} to see 3 computing peers")
@@ -132,7 +134,9 @@ def test_page_streams_an_answer_and_maps_the_ring(cluster, browser, tmp_path):
         ranges[i][1] == ranges[i + 1][0] for i in range(2)), ranges  # fmt: skip
     assert "gateway" in page.text_content("#peers")
     row = page.locator("#requests tbody tr").first
-    until(lambda: "done" in row.text_content(), 10, "the request row to show done")  # the map polls each second
+    until(
+        lambda: "done" in row.text_content(), 10, "the request row to show done"
+    )  # the map polls each second
     assert row.locator("td").nth(2).text_content().count("→") == 2  # a ring of three
     page.screenshot(path=str(tmp_path / "3-answered.png"), full_page=True)
     print("screenshots:", tmp_path)
