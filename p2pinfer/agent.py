@@ -162,7 +162,7 @@ class Agent:
             log.warning("default model %s is not available here; known: %s", s.model,
                         ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
         self.shards = ShardHost(s.memory_limit, self.membership.poke, threads=s.threads)
-        self.member = Member(self.catalog, self.shards, self.membership.poke, can_compute=s.compute)
+        self.member = Member(self.catalog, self.shards, None, self.membership.poke, can_compute=s.compute)
         self.linker = Linker(Streams(self.dialer), self.peer_id, self.member.handle)
         self.member.linker = self.linker
         self.entry = EntryService(self.peer_id, self.linker, self.membership.view.records, s.max_requests)

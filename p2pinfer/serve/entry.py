@@ -178,15 +178,15 @@ class EntryService:
     async def _drive(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
                      tx: trio.MemorySendChannel, cancel: trio.CancelScope) -> None:  # fmt: skip
         """Run the request to the end, replaying on a new ring when a member is lost."""
-        try:
-            with cancel:
-                await self._drive_rings(rid, entry, gen, ring, tx)
-            if cancel.cancelled_caught:
-                await tx.send(
-                    Event("error", error=Failure(FailureKind.CANCELLED, f"request {rid} was cancelled"))
-                )
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the consumer left (client gone, stop string): nothing more to deliver
+        async with tx:
+            try:
+                with cancel:
+                    await self._drive_rings(rid, entry, gen, ring, tx)
+                if cancel.cancelled_caught:
+                    failure = Failure(FailureKind.CANCELLED, f"request {rid} was cancelled")
+                    await tx.send(Event("error", error=failure))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the consumer left (client gone, stop string): nothing more to deliver
 
     async def _drive_rings(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
                            tx: trio.MemorySendChannel) -> None:  # fmt: skip
@@ -194,41 +194,40 @@ class EntryService:
         excluded: set[str] = set()
         lost = ""
         stalled = 0  # failures in a row with no token in between: a request that progresses never gives up
-        async with tx:
-            for attempt in itertools.count():
-                before = len(generated)
-                try:
-                    if lost:
-                        ring = self.replacement_ring(entry, ring, excluded, lost, gen.routing)
-                    elif attempt:
-                        ring = self.elect_avoiding(entry, excluded, gen.routing)
-                    self.rings[rid] = ring
-                    self.on_ring(rid, ring, attempt)
-                    if attempt:
-                        log.info("request %s: replaying %d prompt + %d generated tokens on ring %s", rid[:12],
-                                 len(gen.prompt), len(generated), _ring_str(ring))  # fmt: skip
-                    with first_error():  # the links' nurseries wrap what the ring raises in groups
-                        reason = await self._run_ring(f"{rid}-{attempt}", entry, gen, ring, generated, tx)
-                    await tx.send(Event("done", reason=reason))
+        for attempt in itertools.count():
+            before = len(generated)
+            try:
+                if lost:
+                    ring = self.replacement_ring(entry, ring, excluded, lost, gen.routing)
+                elif attempt:
+                    ring = self.elect_avoiding(entry, excluded, gen.routing)
+                self.rings[rid] = ring
+                self.on_ring(rid, ring, attempt)
+                if attempt:
+                    log.info("request %s: replaying %d prompt + %d generated tokens on ring %s", rid[:12],
+                             len(gen.prompt), len(generated), _ring_str(ring))  # fmt: skip
+                with first_error():  # the links' nurseries wrap what the ring raises in groups
+                    reason = await self._run_ring(f"{rid}-{attempt}", entry, gen, ring, generated, tx)
+                await tx.send(Event("done", reason=reason))
+                return
+            except MemberFailed as e:
+                if len(generated) >= gen.max_new:  # every token is here: nothing to replay
+                    await tx.send(Event("done", reason="length"))
                     return
-                except MemberFailed as e:
-                    if len(generated) >= gen.max_new:  # every token is here: nothing to replay
-                        await tx.send(Event("done", reason="length"))
-                        return
-                    log.warning("request %s: %s", rid[:12], e)
-                    excluded.add(e.peer)
-                    lost = e.peer
-                    stalled = 1 if len(generated) > before else stalled + 1
-                    if stalled > MAX_REPLAYS:
-                        log.warning("request %s: %d rings failed in a row; giving up", rid[:12], stalled)
-                        await tx.send(Event("error", error=Failure(FailureKind.UNAVAILABLE,
-                            f"{stalled} rings failed in a row without a token; giving up", retry_after=5)))  # fmt: skip
-                        return
-                    # a member still tearing down the last try, or a connection being redialled
-                    await trio.sleep(min(2.0, REPLAY_BACKOFF * (stalled - 1)))
-                except Failure as e:
-                    await tx.send(Event("error", error=e))
+                log.warning("request %s: %s", rid[:12], e)
+                excluded.add(e.peer)
+                lost = e.peer
+                stalled = 1 if len(generated) > before else stalled + 1
+                if stalled > MAX_REPLAYS:
+                    log.warning("request %s: %d rings failed in a row; giving up", rid[:12], stalled)
+                    await tx.send(Event("error", error=Failure(FailureKind.UNAVAILABLE,
+                        f"{stalled} rings failed in a row without a token; giving up", retry_after=5)))  # fmt: skip
                     return
+                # a member still tearing down the last try, or a connection being redialled
+                await trio.sleep(min(2.0, REPLAY_BACKOFF * (stalled - 1)))
+            except Failure as e:
+                await tx.send(Event("error", error=e))
+                return
 
     async def _run_ring(self, rid: str, entry: ModelEntry, gen: Generation, ring: list[RingMember],
                         generated: list[int], tx: trio.MemorySendChannel) -> str:  # fmt: skip

@@ -79,14 +79,13 @@ class _Active:
 
 
 class Member:
-    def __init__(
-        self, catalog: ModelCatalog, shards: ShardHost, on_change=lambda: None, can_compute=True
-    ) -> None:
+    def __init__(self, catalog: ModelCatalog, shards: ShardHost, linker: Linker, on_change=lambda: None,
+                 can_compute: bool = True) -> None:  # fmt: skip
         self.catalog = catalog
         self.can_compute = can_compute
         self.draining = False  # set on SIGTERM: parts in flight finish, no new ones start
         self.shards = shards
-        self.linker: Linker | None = None
+        self.linker = linker
         self.on_change = on_change
         self._active: dict[str, _Active] = {}
         self._registered: dict[str, trio.Event] = {}
@@ -222,7 +221,6 @@ class Member:
             if len(req.ring) == 1:
                 await self._run_single(control, req, shard, prompt, params)
             else:
-                assert self.linker is not None
                 async with AsyncExitStack() as stack:
                     try:
                         out = _Blaming(await stack.enter_async_context(self.linker.open(req.peer_after())))
