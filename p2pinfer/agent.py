@@ -14,7 +14,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from p2pinfer import __version__
+from p2pinfer import __version__, progress
 from p2pinfer.api.app import build_app
 from p2pinfer.api.openai import OpenAIRoutes
 from p2pinfer.config import ConfigError, Settings, is_loopback_host
@@ -38,7 +38,7 @@ from p2pinfer.net.gossip import Gossip
 from p2pinfer.net.host import build_host
 from p2pinfer.net.keeper import Keeper
 from p2pinfer.net.mdns import MdnsDiscovery
-from p2pinfer.net.streams import Streams
+from p2pinfer.net.streams import TRAFFIC, Streams
 from p2pinfer.serve.entry import EntryService
 from p2pinfer.serve.generate import Generator
 from p2pinfer.serve.links import Linker
@@ -161,13 +161,14 @@ class Agent:
         if s.model not in {e.name for e in self.catalog.list()}:
             log.warning("default model %s is not available here; known: %s", s.model,
                         ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
-        self.shards = ShardHost(s.memory_limit, self.membership.poke, threads=s.threads)
+        self.shards = ShardHost(s.memory_limit, self.membership.poke, s.capacity)
         self.member = Member(self.catalog, self.shards, None, self.membership.poke, can_compute=s.compute)
         self.linker = Linker(Streams(self.dialer), self.peer_id, self.member.handle)
         self.member.linker = self.linker
-        self.entry = EntryService(self.peer_id, self.linker, self.membership.view.records, s.max_requests)
+        self.entry = EntryService(self.peer_id, self.linker, self.membership.view.records, s.max_requests,
+                                  s.capacity)  # fmt: skip
         self.metrics = Metrics()
-        self.metrics.watch(lambda: len(self.membership.view.records()))
+        self.metrics.watch(lambda: len(self.membership.view.records()), lambda: dict(TRAFFIC))
         self.generator = Generator(self.catalog, self.entry, self.metrics, s.model, s.routing)
         self.openai = OpenAIRoutes(self.generator, self.served_models)
 
@@ -175,7 +176,6 @@ class Agent:
         """Load the default model whole in the background when this peer could serve it alone (a lone agent,
         `make run`), so the first request finds its kernels captured instead of waiting for them."""
         from p2pinfer.engine import EngineError
-        from p2pinfer.serve.entry import model_needs
 
         s = self.settings
         if not (s.compute and s.warm):
@@ -184,7 +184,7 @@ class Agent:
             entry = self.catalog.get(s.model)
         except EngineError:
             return
-        need, offer = model_needs(entry).total_bytes, self.memory_offer()
+        need, offer = self.entry.needs(entry).total_bytes, self.memory_offer()
         if need > offer:
             log.info("not warming %s at start: it needs %.0f MB with KV headroom, this peer offers %.0f MB",
                      entry.name, need / 1e6, offer / 1e6)  # fmt: skip
@@ -336,6 +336,7 @@ class Agent:
                     nursery.start_soon(mdns.run)
                 nursery.start_soon(self.generator.warm, self.settings.model)
                 nursery.start_soon(self._warm_default_model)
+                nursery.start_soon(progress.watch, self.shards.progress)  # bars on a terminal only
                 if self.settings.compute and self.settings.preload:
                     spares = SparePreloader(self.peer_id, self.catalog, self.shards, self.membership.view.records,
                                             self.memory_offer)  # fmt: skip

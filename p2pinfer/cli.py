@@ -57,6 +57,11 @@ def _run_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=float,
                    help="seconds SIGTERM waits for in-flight requests before leaving (default 30)")  # fmt: skip
     p.add_argument("--threads", type=int, help="cores the engine's kernels use (default: all)")
+    p.add_argument("--sessions", type=int, help="requests one shard serves at once (default 8)")
+    p.add_argument("--kv-tokens", type=int, help="KV tokens the election reserves per ring member (default 2048)")
+    p.add_argument("--max-context", type=int,
+                   help="most tokens one request holds, prompt + answer, within the model's (default 4096)")  # fmt: skip
+    p.add_argument("--beam", type=int, help="tinygrad kernel search width while warming (default 0: none)")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="as a spare, do not pre-load a range that only one peer holds")  # fmt: skip
     p.add_argument("--no-warm", dest="warm", action="store_false",

@@ -39,6 +39,21 @@ def is_loopback_host(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """How much work this peer takes on, in one group: the election reserves by it, ShardHost and each
+    Shard size themselves by it, so the three never disagree."""
+
+    sessions: int = 8  # requests one shard serves at once (a KV session each)
+    kv_tokens: int = 2048  # KV the election reserves per member on top of weights; the KV size warmed at load
+    max_context: int = 4096  # most tokens one session holds (prompt + answer), within the model's context
+    threads: int | None = None  # cores the engine's kernels use (None: every core this process may use)
+    beam: int = 0  # tinygrad kernel search while warming (minutes once, cached; +30 % decode measured)
+
+
+DEFAULT_CAPACITY = Capacity()
+
+
 @dataclass
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
@@ -59,11 +74,19 @@ class Settings:
     max_requests: int = 8
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests before leaving
     threads: int | None = None  # cores the engine's kernels use (default: every core this process may use)
+    sessions: int = 8  # see Capacity
+    kv_tokens: int = 2048
+    max_context: int = 4096
+    beam: int = 0
     warm: bool = True  # load and warm the default model at start when it fits here alone
     preload: bool = True  # as a spare, pre-load a range only one peer holds (serve/spares.py)
     log_level: str = "INFO"
     allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered besides our own
     cors_origins: list[str] = field(default_factory=list)  # origins whose pages may call the API
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.sessions, self.kv_tokens, self.max_context, self.threads, self.beam)
 
     def validate(self) -> None:
         if self.peer_ttl <= 0:
@@ -88,6 +111,8 @@ class Settings:
             raise ConfigError("--max-requests must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("--threads must be at least 1")
+        if self.sessions < 1 or self.kv_tokens < 1 or self.max_context < 1 or self.beam < 0:
+            raise ConfigError("--sessions, --kv-tokens and --max-context must be at least 1, --beam at least 0")
         from p2pinfer.cluster.routing import POLICIES
 
         if self.routing not in POLICIES:
@@ -109,7 +134,7 @@ def _coerce(name: str, value):
         return int(value)
     if name in ("peer_ttl", "drain_timeout"):
         return float(value)
-    if name in ("max_requests", "threads"):
+    if name in ("max_requests", "threads", "sessions", "kv_tokens", "max_context", "beam"):
         return int(value) if value not in (None, "") else None
     if name in ("mdns", "compute", "warm", "preload") and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")

@@ -249,6 +249,8 @@ def test_metrics(agents):
     assert value("p2pinfer_active_requests") <= 1  # the handler may still be closing the request
     assert value("p2pinfer_http_requests", "_total", route="/v1/chat/completions", code="200") >= 1
     assert "p2pinfer_ring_replays_total" in text.decode()
+    # a lone peer's ring is in-process: the ring-link byte counters exist, at zero (test_ring_api sees them move)
+    assert {s.labels["direction"] for s in fams["p2pinfer_link_bytes"].samples} == {"sent", "received"}
 
 
 def test_delete_cancels_a_request_in_flight(agents):

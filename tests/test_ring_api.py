@@ -125,6 +125,16 @@ def test_three_peer_ring_matches_single_peer_engine(cluster, reference):
     # another peer's view shows the layer ranges of every member
     view = {p["peer_id"]: p["layers"] for p in a.get("/v1/cluster")["peers"]}
     assert sum(len(v) for v in view.values()) >= 3
+    # hidden states crossed the ring's links: every member counted bytes both ways (/metrics); the last
+    # member sends only tokens, the others float32 hidden states
+    moved = {}
+    for x in (a, b, c):
+        with urllib.request.urlopen(f"{x.url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        moved[x.name] = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+                         if line.startswith("p2pinfer_link_bytes_total{")}  # fmt: skip
+    assert all(m["sent"] > 0 and m["received"] > 0 for m in moved.values()), moved
+    assert sum(m["received"] for m in moved.values()) > 100_000, moved
 
 
 def test_gateway_serves_request_computed_elsewhere(cluster, reference):

@@ -237,6 +237,8 @@ class OpenAIRoutes:
                 pass
             else:
                 item.update(context_length=e.context_length, n_layers=e.n_layers, format=e.format, arch=e.arch,
+                            layer_bytes=e.layer_bytes, embed_bytes=e.embed_bytes, head_bytes=e.head_bytes,
+                            embed_reuses_head=e.embed_reuses_head,
                             sampling_defaults=self.generator.defaults_for(e),
                             sampling_defaults_from_model=sorted(model_recommended(e.path, e.format)))  # fmt: skip
             data.append(item)

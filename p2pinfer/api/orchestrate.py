@@ -40,7 +40,7 @@ from p2pinfer.orchestrate import batches, chains, fanout
 from p2pinfer.orchestrate.measure import Measurements, run_probes
 from p2pinfer.orchestrate.runner import AVOID, Runner
 from p2pinfer.orchestrate.tasks import TaskRegistry
-from p2pinfer.serve.entry import candidates_for, model_needs
+from p2pinfer.serve.entry import candidates_for
 from p2pinfer.serve.failures import Failure, bad_request
 from p2pinfer.serve.generate import Generator
 
@@ -280,7 +280,7 @@ class Orchestration:
             return failure_response(e)
         cands, needs, inputs = (
             candidates_for(self.records(), entry),
-            model_needs(entry),
+            self.entry.needs(entry),
             self.routing_inputs(),
         )
         rings = {}

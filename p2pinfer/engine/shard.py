@@ -83,7 +83,8 @@ class Shard:
     @classmethod
     def load(cls, entry: ModelEntry, start: int, end: int, max_sessions: int = 8, max_context: int | None = None,
              kv_budget_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK, warm: bool = True,
-             beam: int | None = None, threads: int | None = None, progress: Progress | None = None) -> Shard:  # fmt: skip
+             beam: int | None = None, threads: int | None = None, progress: Progress | None = None,
+             warm_tokens: int = WARM_CAPACITY) -> Shard:  # fmt: skip
         """Read only this range's tensors (+ embedding on the first shard, + final norm/LM head on the last).
 
         beam > 0 lets tinygrad search kernel variants while warming up (BEAM=2 measured +30 % decode,
@@ -91,6 +92,7 @@ class Shard:
         tinygrad's disk cache. Default: P2PINFER_BEAM from the environment, else 0.
         threads: cores the kernels run on (default: every core this process may use).
         progress: called as progress(stage, done, total) while loading and warming (see `Progress`).
+        warm_tokens: the KV size whose steps are captured at load (other sizes are captured on first use).
         """
         if not 0 <= start < end <= entry.n_layers:
             raise EngineError(
@@ -110,7 +112,7 @@ class Shard:
         self.load_seconds = time.perf_counter() - t0
         if warm:
             t0 = time.perf_counter()
-            self.warm_up(progress)
+            self.warm_up(progress, warm_tokens)
             self.warm_seconds = time.perf_counter() - t0
         log.info("loaded %s layers [%d, %d): %.1f MB weights, load %.1fs, warm %.1fs", entry.name, start, end,
                  self.weight_bytes_allocated / 1e6, self.load_seconds, self.warm_seconds)  # fmt: skip
@@ -166,9 +168,9 @@ class Shard:
     def _capacity_for(self, max_tokens: int) -> int:
         return next(c for c in capacity_classes(self.max_context) if c >= max_tokens)
 
-    def warm_up(self, progress: Progress | None = None) -> None:
+    def warm_up(self, progress: Progress | None = None, tokens: int = WARM_CAPACITY) -> None:
         """Capture and compile the decode and prefill steps now, so requests never pay for it."""
-        capacity = self._capacity_for(min(WARM_CAPACITY, self.max_context))
+        capacity = self._capacity_for(min(tokens, self.max_context))
         steps = (1, self.prefill_chunk)
         if progress is None:
             for t in steps:

@@ -46,6 +46,10 @@ INBOX_FRAMES = 256
 OPEN_TRIES = 3
 
 
+# Bytes this process moved over framed streams (ring links), for /metrics; frames included, not yamux/Noise.
+TRAFFIC = {"sent": 0, "received": 0}
+
+
 class LinkClosed(Exception):
     """The other end is gone (closed, reset, or sent a malformed frame); the message says which."""
 
@@ -85,7 +89,9 @@ class FramedStream:
         # under it is gone (then the closing end's readers see EOF too, not a reset); only the first
         # is a clean end, so only it becomes b"" (FrameReader: "closed" between frames, an error inside).
         try:
-            return await self.stream.read()
+            data = await self.stream.read()
+            TRAFFIC["received"] += len(data)
+            return data
         except StreamEOF:
             if self._connection_lost():
                 raise
@@ -127,6 +133,7 @@ class FramedStream:
             await self._send_lock.acquire()
         try:
             await self.stream.write(data)
+            TRAFFIC["sent"] += len(data)
         except Exception as e:
             what = "connection lost: " if self._connection_lost() or _transport_broke(e) else ""
             raise LinkClosed(f"send to {self.peer} failed: {what}{type(e).__name__}: {e}") from e

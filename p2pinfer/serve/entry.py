@@ -21,6 +21,7 @@ import trio
 from p2pinfer.cluster.record import PeerRecord
 from p2pinfer.cluster.ring import Candidate, ClusterTooSmall, ModelNeeds, RingMember, repair_ring
 from p2pinfer.cluster.routing import RouteInputs, route
+from p2pinfer.config import DEFAULT_CAPACITY, Capacity
 from p2pinfer.engine import ModelEntry
 from p2pinfer.engine.sampling import PENALTY_LAST_N
 from p2pinfer.serve import protocol as P
@@ -36,7 +37,6 @@ TOKEN_TIMEOUT = 30.0
 MAX_REPLAYS = 6  # ring failures in a row without a new token before a request gives up
 ELECT_GRACE = 5.0  # seconds a request waits for a ring to fit before 503
 REPLAY_BACKOFF = 0.5  # seconds, times the attempt number: the first replay starts at once
-KV_HEADROOM_TOKENS = 2048  # KV each member must have room for, on top of its weights
 
 
 class MemberFailed(Exception):
@@ -67,7 +67,8 @@ class Event:
     top: list | None = None  # [[id, logprob], ...]
 
 
-def model_needs(entry: ModelEntry) -> ModelNeeds:
+def model_needs(entry: ModelEntry, kv_tokens: int) -> ModelNeeds:
+    """What a ring for `entry` must hold: weights, and `kv_tokens` of KV per member (Capacity.kv_tokens)."""
     return ModelNeeds(
         name=entry.name,
         n_layers=entry.n_layers,
@@ -75,7 +76,7 @@ def model_needs(entry: ModelEntry) -> ModelNeeds:
         embed_bytes=entry.embed_bytes,
         head_bytes=entry.head_bytes,
         kv_bytes_per_token_per_layer=entry.kv_bytes_per_token_per_layer,
-        context_tokens=min(entry.context_length, KV_HEADROOM_TOKENS),
+        context_tokens=min(entry.context_length, kv_tokens),
     )
 
 
@@ -93,8 +94,9 @@ def candidates_for(records: list[PeerRecord], entry: ModelEntry) -> list[Candida
 
 class EntryService:
     def __init__(self, self_id: str, linker: Linker, records: Callable[[], list[PeerRecord]],
-                 max_requests: int) -> None:  # fmt: skip
+                 max_requests: int, capacity: Capacity = DEFAULT_CAPACITY) -> None:  # fmt: skip
         self.self_id = self_id
+        self.capacity = capacity
         self.linker = linker
         self.records = records
         self.max_requests = max_requests
@@ -105,11 +107,14 @@ class EntryService:
         # measured RTTs and tok/s for the routing policies (set by the orchestration layer)
         self.routing_inputs: Callable[[], RouteInputs | None] = lambda: None
 
+    def needs(self, entry: ModelEntry) -> ModelNeeds:
+        return model_needs(entry, self.capacity.kv_tokens)
+
     def elect(self, entry: ModelEntry, exclude: frozenset[str] = frozenset(),
               routing: str = "memory") -> list[RingMember]:  # fmt: skip
         try:
             # "memory" is ring.py's election; the inputs may ask a retry to avoid a failed ring's peers
-            return route(routing, candidates_for(self.records(), entry), model_needs(entry), exclude=exclude,
+            return route(routing, candidates_for(self.records(), entry), self.needs(entry), exclude=exclude,
                          inputs=self.routing_inputs())  # fmt: skip
         except ClusterTooSmall as e:
             raise Failure(FailureKind.UNAVAILABLE, str(e), retry_after=5) from e
@@ -118,7 +123,7 @@ class EntryService:
                          lost: str, routing: str = "memory") -> list[RingMember]:  # fmt: skip
         """The ring to replay on after `lost` failed: `previous` with only the lost range moved to a
         spare when that fits (survivors keep their warm shards), else a new election."""
-        repaired = repair_ring(candidates_for(self.records(), entry), model_needs(entry), previous,
+        repaired = repair_ring(candidates_for(self.records(), entry), self.needs(entry), previous,
                                frozenset({lost}), exclude=frozenset(failed))  # fmt: skip
         return repaired if repaired is not None else self.elect_avoiding(entry, failed, routing)
 

@@ -268,7 +268,7 @@ class Generator:
         prompt = self._tokenize(tokenizer, entry, req.prompt)
         if not prompt:
             raise bad_request("the prompt is empty", "prompt")
-        ctx, name = entry.context_length, entry.name
+        ctx, name = min(entry.context_length, self.entry.capacity.max_context), entry.name
         if len(prompt) >= ctx:
             raise Failure(FailureKind.CONTEXT_EXCEEDED, f"the prompt is {len(prompt)} tokens; {name}'s context is {ctx}",
                           param="messages" if isinstance(req.prompt, ChatPrompt) else "prompt")  # fmt: skip

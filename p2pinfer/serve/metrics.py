@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 
 class Metrics:
@@ -28,5 +29,20 @@ class Metrics:
         self.peers = Gauge("p2pinfer_peers_in_view", "peers in this peer's view (itself included)", registry=r)
         self.active = Gauge("p2pinfer_active_requests", "requests entered here and not finished", registry=r)
 
-    def watch(self, peers: Callable[[], int]) -> None:
+    def watch(self, peers: Callable[[], int], link_bytes: Callable[[], dict[str, int]] | None = None) -> None:
+        """Read at scrape time: peers in view, and bytes moved on ring links by direction."""
         self.peers.set_function(peers)
+        if link_bytes is not None:
+            self.registry.register(_LinkBytes(link_bytes))
+
+
+class _LinkBytes:
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self.read = read
+
+    def collect(self):
+        family = CounterMetricFamily("p2pinfer_link_bytes", "bytes moved on ring links (framed streams), by direction",
+                                     labels=["direction"])  # fmt: skip
+        for direction, n in sorted(self.read().items()):
+            family.add_metric([direction], n)
+        yield family

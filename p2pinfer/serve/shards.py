@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from p2pinfer.config import DEFAULT_CAPACITY, Capacity
 from p2pinfer.engine import EngineError, ModelEntry, Shard
+from p2pinfer.progress import LoadProgress
 
 log = logging.getLogger("p2pinfer.shards")
 
@@ -29,16 +31,11 @@ class _Held:
 
 
 class ShardHost:
-    def __init__(
-        self,
-        memory_limit: int | None,
-        on_change: Callable[[], None],
-        max_sessions: int = 8,
-        threads: int | None = None,
-    ) -> None:
-        self.memory_limit, self.threads = memory_limit, threads
+    def __init__(self, memory_limit: int | None, on_change: Callable[[], None],
+                 capacity: Capacity = DEFAULT_CAPACITY) -> None:  # fmt: skip
+        self.memory_limit, self.capacity = memory_limit, capacity
         self.on_change = on_change
-        self.max_sessions = max_sessions
+        self.progress = LoadProgress()  # per range being loaded: gossiped as a fraction, drawn as bars
         self._held: dict[ShardKey, _Held] = {}
         self._loading: dict[ShardKey, trio.Event] = {}
         self._engine_lock = trio.Lock()
@@ -49,7 +46,7 @@ class ShardHost:
         return tuple(sorted(self._held))
 
     def loading(self) -> tuple[tuple[str, int, int, float], ...]:
-        return tuple((m, s, e, 0.0) for (m, s, e) in sorted(self._loading))
+        return tuple((m, s, e, self.progress.fraction((m, s, e))) for (m, s, e) in sorted(self._loading))
 
     def held_bytes(self, model: str | None = None) -> int:
         return sum(
@@ -74,15 +71,17 @@ class ShardHost:
                 await self._make_room(entry.shard_bytes(start, end))
                 log.info("loading %s layers [%d, %d)", entry.name, start, end)
                 t0 = time.monotonic()
+                cap, report = self.capacity, self.progress.reporter(key)
                 shard = await self.compute(
-                    lambda: Shard.load(
-                        entry, start, end, max_sessions=self.max_sessions, threads=self.threads
-                    )
+                    lambda: Shard.load(entry, start, end, max_sessions=cap.sessions, threads=cap.threads,
+                                       max_context=min(entry.context_length, cap.max_context), beam=cap.beam,
+                                       warm_tokens=cap.kv_tokens, progress=report)  # fmt: skip
                 )
                 log.info("loaded %s layers [%d, %d) in %.1f s", entry.name, start, end, time.monotonic() - t0)
                 held = self._held[key] = _Held(shard)
             finally:
                 del self._loading[key]
+                self.progress.forget(key)
                 done.set()
                 self.on_change()
         held.users += 1

@@ -27,7 +27,7 @@ INTERVAL = 5.0  # seconds between looks at the view
 
 
 def choose_preload(self_id: str, records: list[PeerRecord], models: Callable[[str], ModelEntry | None],
-                   offer: int) -> tuple[ModelEntry, int, int] | None:  # fmt: skip
+                   offer: int, kv_tokens: int = 2048) -> tuple[ModelEntry, int, int] | None:  # fmt: skip
     """The (model, start, end) this spare should pre-load, or None. Pure: depends only on its inputs."""
     live = [r for r in records if not r.leave and not r.draining]
     for name in sorted({m for r in live for m, _s, _e in r.layers}):
@@ -35,7 +35,7 @@ def choose_preload(self_id: str, records: list[PeerRecord], models: Callable[[st
         if entry is None:
             continue
         held = Counter((s, e) for r in live if r.peer_id != self_id for m, s, e in r.layers if m == name)
-        needs = model_needs(entry)
+        needs = model_needs(entry, kv_tokens)
         single = sorted(
             (rg for rg, n in held.items() if n == 1), key=lambda rg: (-needs.range_bytes(*rg), rg)
         )
@@ -64,7 +64,8 @@ class SparePreloader:
             await trio.sleep(INTERVAL)
             if self.shards.layers() or self.shards.loading():
                 continue  # not a spare (or busy loading already)
-            choice = choose_preload(self.self_id, self.records(), self._model, self.offer())
+            choice = choose_preload(self.self_id, self.records(), self._model, self.offer(),
+                                    self.shards.capacity.kv_tokens)
             if choice is None:
                 continue
             entry, start, end = choice
