@@ -75,15 +75,22 @@ Handler = Callable[[Link], Awaitable[None]]
 class Linker:
     """Opens links by peer id and hands incoming ones to `handler`; links to ourselves stay in-process."""
 
-    def __init__(self, streams: Streams, self_id: str, handler: Handler) -> None:
+    def __init__(self, streams: Streams, self_id: str, handler: Handler | None = None) -> None:
         if not isinstance(streams, Streams):  # benchmarks/link.py still passes its libp2p host
             from p2pinfer.net.keeper import Keeper
 
             streams = Streams(Keeper(streams))
         self.streams = streams
         self.self_id = self_id
+        self.handler: Handler | None = None
+        if handler is not None:
+            self.serve(handler)
+
+    def serve(self, handler: Handler) -> None:
+        """Hand incoming ring links (and links to ourselves) to `handler` from now on. A separate step so
+        the member that handles links can itself be built with this Linker."""
         self.handler = handler
-        streams.serve(RING_PROTOCOL, self._guarded)
+        self.streams.serve(RING_PROTOCOL, self._guarded)
 
     async def _guarded(self, link: Link) -> None:
         try:
