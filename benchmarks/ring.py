@@ -12,16 +12,19 @@ shards), then REPEATS measured requests: a ~128-token prompt, 128 greedy tokens,
 
 Run: python benchmarks/ring.py [--repeats 3] [--tokens 128]
 
---synthetic: the synthetic ~1B-shaped Q4_0 model of benchmarks/engine.py (written once to its cache dir)
-served by 3 peers whose --memory-limit is a third of what the model needs plus a margin, so that none of
-them could hold it alone (the script checks that and prints both numbers); reports its decode tok/s and
-layer ranges (there is no 1-peer baseline to divide by: that is the point).
+--synthetic: also the synthetic ~1B-shaped Q4_0 model of benchmarks/engine.py (written once to its cache
+dir), first on one peer with no limit, then on 3 peers whose --memory-limit is a third of what the model
+needs plus a margin, so that none of them could hold it alone (the script checks that and prints both
+numbers). That is the realistic ring: a ring exists for a model that fits no single device, and at ~21 ms
+per token a hop's fixed cost weighs 4x less than with SmolLM2's ~5 ms. --only-synthetic: that alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,15 +46,36 @@ PROMPT = (
 )
 
 
-def start_ring(work: Path, peers: int, limit: str | None = None, extra: tuple[str, ...] = ()) -> list[AgentProcess]:
+class TreeAgent(AgentProcess):
+    """An agent run from another source tree (`--baseline`: the code before a change, in the same run)."""
+
+    tree: Path | None = None
+
+    def start(self) -> TreeAgent:
+        if self.tree is None:
+            return super().start()
+        self._log = open(self.log_path, "ab")
+        env = {**self.env, "PYTHONPATH": str(self.tree)}
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=self.tree)  # fmt: skip
+        return self
+
+
+def start_ring(work: Path, peers: int, limit: str | None = None, extra: tuple[str, ...] = (),
+               tree: Path | None = None, env: dict | None = None) -> list[AgentProcess]:  # fmt: skip
     secret = new_secret()
-    limit = limit or CONFIGS[peers]
+    limit = CONFIGS[peers] if limit is None else limit
     extra = (["--memory-limit", limit] if limit else []) + list(extra)
-    agents = [AgentProcess(work, f"k{peers}-0", *extra, secret_hex=secret).start()]
+
+    def agent(i: int, *more: str) -> TreeAgent:
+        a = TreeAgent(work, f"k{peers}-{i}", *extra, *more, secret_hex=secret, env=env)
+        a.tree = tree
+        return a.start()
+
+    agents = [agent(0)]
     agents[0].wait_ready()
     for i in range(1, peers):
-        agents.append(AgentProcess(work, f"k{peers}-{i}", *extra, "--bootstrap", agents[0].addr,
-                                   secret_hex=secret).start())  # fmt: skip
+        agents.append(agent(i, "--bootstrap", agents[0].addr))
     ids = {a.wait_ready()["peer_id"] for a in agents}
     for a in agents:
         wait_for(lambda a=a: a.view() == ids, 30, what="views")
@@ -78,9 +102,10 @@ def one_request(client: openai.OpenAI, tokens: int, model: str = MODEL) -> tuple
 
 
 def measure(peers: int, repeats: int, tokens: int, model: str = MODEL, limit: str | None = None,
-            extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
+            extra: tuple[str, ...] = (), tree: Path | None = None, trace: bool = False) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
-        agents = start_ring(Path(d), peers, limit, extra)
+        env = {"P2PINFER_RING_TRACE": str(Path(d))} if trace and tree is None else None
+        agents = start_ring(Path(d), peers, limit, extra, tree, env)
         try:
             entry = agents[-1]
             client = openai.OpenAI(base_url=entry.url + "/v1", api_key="x", timeout=900, max_retries=0)
@@ -97,28 +122,92 @@ def measure(peers: int, repeats: int, tokens: int, model: str = MODEL, limit: st
         finally:
             for a in agents:
                 a.stop()
+        parts = [json.loads(line) for f in Path(d).glob("*.jsonl") for line in f.read_text().splitlines()]
     ttft = statistics.median(r[0] for r in runs)
     tps = statistics.median(r[1] for r in runs)
-    return {"peers": peers, "ttft": ttft, "tps": tps, "tokens": runs[0][2], "warm": warm, "layers": layers}
+    return {"peers": peers, "ttft": ttft, "tps": tps, "tokens": runs[0][2], "warm": warm, "layers": layers,
+            "tree": tree, "trace": breakdown(parts) if parts else None}  # fmt: skip
 
 
-def synthetic(repeats: int, tokens: int) -> None:
-    """The ~1B-shaped model over 3 peers that each offer about a third of what it needs."""
+def _steps(events: list) -> list[dict]:
+    """A part's events (member.py's _Trace) as one dict per forward: in, got, call, t0, t1, back, sent."""
+    steps: list[dict] = []
+    for what, t in events:
+        if what in ("in", "call") and (not steps or what in steps[-1] or "call" in steps[-1]):
+            steps.append({})
+        steps[-1][what] = t
+    return steps
+
+
+def breakdown(parts: list[dict]) -> dict:
+    """Median microseconds per token of each stage of a hop, over the measured requests' decode steps (the
+    warm-up's too few to matter). A hop is followed from the sender's 'back' (its forward returned to its
+    trio task) to the receiver's 't0' (its forward started in the engine's thread)."""
+    by_rid: dict[str, dict[int, list[dict]]] = {}
+    for p in parts:
+        by_rid.setdefault(p["rid"], {})[p["i"]] = _steps(p["events"])
+    stages: dict[str, list[float]] = {}
+
+    def add(name: str, seconds: float) -> None:
+        stages.setdefault(name, []).append(seconds * 1e6)
+
+    for members in by_rid.values():
+        k = len(members)
+        for i, steps in members.items():
+            for st in steps:
+                if {"t0", "t1"} <= st.keys():
+                    add(f"compute[{i}]" if k > 1 else "compute", st["t1"] - st["t0"])
+                if {"t1", "back"} <= st.keys():
+                    add("thread -> task", st["back"] - st["t1"])
+                if {"call", "t0"} <= st.keys():
+                    add("task -> thread", st["t0"] - st["call"])
+                if {"got", "call"} <= st.keys():
+                    add("task work before forward", st["call"] - st["got"])
+                if {"in", "got"} <= st.keys():
+                    add("reader -> task", st["got"] - st["in"])
+                if {"back", "sent"} <= st.keys():
+                    add("sample + encode + write" if i == k - 1 else "encode + write", st["sent"] - st["back"])
+                if "in" in st and k > 1:  # the frame's sender, the member before us, got its forward's result
+                    back = [s["back"] for s in members.get((i - 1) % k, []) if s.get("back", 1e18) <= st["in"]]
+                    if back:
+                        add(f"hop {(i - 1) % k}->{i}: sender's forward back -> frame read", st["in"] - max(back))
+    return {name: statistics.median(v) for name, v in stages.items()}
+
+
+def synthetic_setup() -> tuple[str, str, tuple[str, ...]]:
+    """The ~1B-shaped model: its name, a --memory-limit that splits it over 3 peers (none could hold it
+    alone), and the flags that serve it."""
     from benchmarks.engine import SYNTH_1B_NAME, model_path
+    from p2pinfer.config import DEFAULT_CAPACITY
     from p2pinfer.engine import ModelCatalog
     from p2pinfer.serve.entry import model_needs
 
     cache = Path.home() / ".cache" / "p2pinfer-bench"
     path = model_path("synth-1b", cache)
-    need = model_needs(ModelCatalog([path.parent], include_embedded=False).get(SYNTH_1B_NAME)).total_bytes
+    entry = ModelCatalog([path.parent], include_embedded=False).get(SYNTH_1B_NAME)
+    need = model_needs(entry, DEFAULT_CAPACITY.kv_tokens).total_bytes
     limit = int(need / 3 * 1.2)
     assert limit < need, "the limit must leave every peer too small for the whole model"
-    print(f"{SYNTH_1B_NAME}: needs {need / 2**20:.0f} MiB with KV headroom; each of 3 peers offers "
+    print(f"{SYNTH_1B_NAME}: needs {need / 2**20:.0f} MiB with KV headroom; each of 3 ring peers offers "
           f"{limit / 2**20:.0f} MiB (--memory-limit), so none can serve it alone")  # fmt: skip
-    r = measure(3, repeats, tokens, SYNTH_1B_NAME, f"{limit // 2**20}M",
-                ("--models-dir", str(path.parent), "--model", SYNTH_1B_NAME))  # fmt: skip
-    print(f"3 peers: ttft {r['ttft']:.2f} s, decode {r['tps']:.2f} tok/s, layers {r['layers']}, "
-          f"warm-up {r['warm']:.0f} s")  # fmt: skip
+    return SYNTH_1B_NAME, f"{limit // 2**20}M", ("--models-dir", str(path.parent), "--model", SYNTH_1B_NAME)
+
+
+def report(name: str, results: list[dict]) -> None:
+    base = results[0]
+    print(f"\n{name}\n{'peers':>5} {'ttft s':>8} {'decode tok/s':>13} {'x 1-peer':>9} {'ttft x':>7} {'ms/hop':>7}  layers")
+    for r in results:
+        ms_tok, ms_tok1 = 1000 / r["tps"], 1000 / base["tps"]
+        hop = (ms_tok - ms_tok1) / r["peers"] if r["peers"] > 1 else 0.0
+        print(f"{r['peers']:>5} {r['ttft']:>8.3f} {r['tps']:>13.2f} {r['tps'] / base['tps']:>9.3f} "
+              f"{r['ttft'] / base['ttft']:>7.2f} {hop:>7.3f}  {r['layers']}  (warm-up {r['warm']:.0f} s)"
+              f"{'  BASELINE ' + str(r['tree']) if r['tree'] else ''}")  # fmt: skip
+    for r in results:
+        if r["trace"]:
+            print(f"  {r['peers']} peer(s), median us per step:")
+            for stage, us in sorted(r["trace"].items()):
+                print(f"    {stage:<48} {us:>9.1f}")
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -126,20 +215,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--peers", type=int, nargs="*", default=[1, 2, 3])
-    ap.add_argument("--synthetic", action="store_true", help="the ~1B-shaped model on 3 peers (see above)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="also the ~1B-shaped model: 1 peer, then 3 peers none of which could hold it alone")  # fmt: skip
+    ap.add_argument("--only-synthetic", action="store_true", help="the ~1B-shaped model alone")
+    ap.add_argument("--baseline", type=Path, help="a source tree (the code before a change) whose rings run "
+                    "too, each right before this tree's, so both are measured under the same load")  # fmt: skip
+    ap.add_argument("--trace", action="store_true", help="per-stage times of a hop (P2PINFER_RING_TRACE)")
     args = ap.parse_args()
-    if args.synthetic:
-        return synthetic(args.repeats, args.tokens)
-    results = [measure(k, args.repeats, args.tokens) for k in args.peers]
-    base = results[0]
-    print(
-        f"\n{'peers':>5} {'ttft s':>8} {'decode tok/s':>13} {'x 1-peer':>9} {'ttft x':>7} {'ms/hop':>7}  layers"
-    )
-    for r in results:
-        ms_tok, ms_tok1 = 1000 / r["tps"], 1000 / base["tps"]
-        hop = (ms_tok - ms_tok1) / r["peers"] if r["peers"] > 1 else 0.0
-        print(f"{r['peers']:>5} {r['ttft']:>8.3f} {r['tps']:>13.2f} {r['tps'] / base['tps']:>9.3f} "
-              f"{r['ttft'] / base['ttft']:>7.2f} {hop:>7.2f}  {r['layers']}  (warm-up {r['warm']:.0f} s)")  # fmt: skip
+
+    def configs(model: str, peers: list[int], limit=None, extra=()) -> list[dict]:
+        out = []
+        for k in peers:
+            lim = limit if k > 1 else ("" if limit else None)
+            if args.baseline and k > 1:
+                out.append(measure(k, args.repeats, args.tokens, model, lim, extra, args.baseline))
+            out.append(measure(k, args.repeats, args.tokens, model, lim, extra, trace=args.trace))
+        return out
+
+    if not args.only_synthetic:
+        report(MODEL, configs(MODEL, args.peers))
+    if args.synthetic or args.only_synthetic:
+        name, limit, extra = synthetic_setup()
+        report(name, configs(name, [1, 3], limit, extra))
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ class Cluster:
         self.dead: set[str] = set()
         self._scopes: dict[str, set[trio.CancelScope]] = {p: set() for p in self.ids}
         self.members = {p: Member(ToyCatalog(), self.hosts[p], linker=_Linker(self, p)) for p in self.ids}
+        self.frames: list[tuple[str, str, str, str]] = []  # (link kind, from, to, frame type), every frame sent
 
     def records(self) -> list[PeerRecord]:
         return [PeerRecord(p, 1, memory_free=self.memory[p], compute=1.0, models=(MODEL.name,),
@@ -160,9 +161,25 @@ class _Linker:
             raise LinkClosed(f"cannot open a ring stream to {peer}: it is gone")
         a_tx, b_rx = trio.open_memory_channel(256)
         b_tx, a_rx = trio.open_memory_channel(256)
-        mine, theirs = LocalLink(peer, a_tx, a_rx), LocalLink(self.me, b_tx, b_rx)
+        kind: list[str] = []  # "open": a control link, "data": a ring neighbour's, set by the first frame
+        mine = _CountingLink(peer, a_tx, a_rx, self.cluster.frames, self.me, kind)
+        theirs = _CountingLink(self.me, b_tx, b_rx, self.cluster.frames, peer, kind)
         self.cluster.nursery.start_soon(self.cluster._serve, peer, theirs)
         try:
             yield mine
         finally:
             await mine.aclose()
+
+
+class _CountingLink(LocalLink):
+    """A LocalLink that logs every frame it sends in Cluster.frames."""
+
+    def __init__(self, peer, tx, rx, log: list, me: str, kind: list[str]) -> None:
+        super().__init__(peer, tx, rx)
+        self._log, self._me, self._kind = log, me, kind
+
+    async def send(self, header: dict, tensor=None) -> None:
+        if not self._kind:
+            self._kind.append("control" if header.get("t") == "open" else "data")
+        self._log.append((self._kind[0], self._me, self.peer, str(header.get("t"))))
+        await super().send(header, tensor)

@@ -24,6 +24,7 @@ stream on it).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -103,6 +104,7 @@ class FramedStream:
         try:
             while True:
                 frame = await reader.read_frame()
+                frame.at = time.perf_counter()
                 await self._tx.send(frame)
         except StreamClosed:
             self.closed_reason = "closed by peer"

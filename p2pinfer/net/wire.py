@@ -34,6 +34,7 @@ class StreamClosed(Exception):
 class Frame:
     header: dict
     tensor: np.ndarray | None = None
+    at: float = 0.0  # time.perf_counter() when a stream's reader had it whole (0: an in-process frame)
 
 
 def encode_frame(header: dict, tensor: np.ndarray | None = None) -> bytes:

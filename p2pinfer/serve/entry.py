@@ -251,9 +251,10 @@ class EntryService:
                     controls.append(await stack.enter_async_context(self.linker.open(m.peer_id)))
                 except LinkClosed as e:
                     raise MemberFailed(m.peer_id, str(e)) from e
+            report = _reporter(ring_t, self.self_id)
             for i, link in enumerate(controls):
                 req = P.OpenRequest(rid, entry.name, entry.n_layers, ring_t, i, sampling, gen.stop_ids,
-                                    max_new, int(prompt.size) + max_new)  # fmt: skip
+                                    max_new, int(prompt.size) + max_new, report)  # fmt: skip
                 await self._send(link, req.to_header())
             with trio.move_on_after(READY_TIMEOUT) as scope, first_error():
                 async with trio.open_nursery() as nursery:
@@ -267,7 +268,7 @@ class EntryService:
             )
             for i, link in enumerate(controls):
                 await self._send(link, {"t": P.START}, prompt if i == 0 else None)
-            return await self._collect(controls, generated, tx)
+            return await self._collect(controls, generated, tx, report)
 
     async def _send(self, link: Link, header: dict, tensor=None) -> None:
         try:
@@ -289,14 +290,16 @@ class EntryService:
         if kind != P.READY:
             raise MemberFailed(link.peer, f"unexpected {kind!r} instead of ready")
 
-    async def _collect(self, controls: list[Link], generated: list[int], tx: trio.MemorySendChannel) -> str:
-        """Tokens come from the last member; any member's link dropping means that member is lost."""
+    async def _collect(self, controls: list[Link], generated: list[int], tx: trio.MemorySendChannel,
+                       report: int) -> str:  # fmt: skip
+        """Tokens come from the reporter (protocol.py); any member's link dropping means that member is lost."""
         finish: list[str] = []
         with first_error():
             async with trio.open_nursery() as nursery:
-                for link in controls[:-1]:
-                    nursery.start_soon(self._watch_member, link)
-                await self._receive_tokens(controls[-1], generated, tx, finish)
+                for i, link in enumerate(controls):
+                    if i != report:
+                        nursery.start_soon(self._watch_member, link)
+                await self._receive_tokens(controls[report], generated, tx, finish)
                 nursery.cancel_scope.cancel()
         return finish[0]
 
@@ -331,6 +334,12 @@ class EntryService:
                 return
             else:
                 raise _member_error(link.peer, frame.header)
+
+
+def _reporter(ring: tuple[tuple[str, int, int], ...], self_id: str) -> int:
+    """The member that sends the tokens to us: ourselves when we are in the ring (an in-process link; the
+    tokens ride the ring's own frames to us), else the last member, as soon as it samples them."""
+    return next((i for i, (peer, _, _) in enumerate(ring) if peer == self_id), len(ring) - 1)
 
 
 def _member_error(peer: str, header: dict) -> MemberFailed:

@@ -7,9 +7,13 @@ closes it (finished, cancelled, client gone) or dies, the member stops and frees
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import trio
@@ -24,6 +28,7 @@ from p2pinfer.engine import (
     Shard,
     UnknownModelError,
 )
+from p2pinfer.net.wire import Frame
 from p2pinfer.serve import protocol as P
 from p2pinfer.serve.failures import FailureKind as F
 from p2pinfer.serve.links import Link, LinkClosed, Linker
@@ -31,6 +36,46 @@ from p2pinfer.serve.shards import ShardHost
 from p2pinfer.tasks import open_nursery
 
 log = logging.getLogger("p2pinfer.member")
+
+class _Trace:
+    """Per-step timestamps of every ring part, for benchmarks/ring.py --trace (P2PINFER_RING_TRACE=<dir>):
+    a JSON line per part in <dir>/<pid>.jsonl. time.perf_counter is CLOCK_MONOTONIC, so one machine's
+    processes share its clock and a hop can be followed from one member to the next."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = Path(directory) / f"{os.getpid()}.jsonl"
+        self.parts: dict[str, list] = {}
+
+    def mark(self, rid: str, what: str, t: float | None = None) -> None:
+        self.parts.setdefault(rid, []).append((what, time.perf_counter() if t is None else t))
+
+    async def forward(self, shards: ShardHost, shard: Shard, rid: str, x: np.ndarray, frame: Frame | None):
+        if frame is not None:
+            self.mark(rid, "in", frame.at)  # its stream's reader had it
+            self.mark(rid, "got")  # the request's task has it
+        self.mark(rid, "call")
+        times: list[float] = []
+
+        def forward(*args):
+            times.append(time.perf_counter())
+            try:
+                return shard.forward(*args)
+            finally:
+                times.append(time.perf_counter())
+
+        out = await shards.compute(forward, rid, x)
+        self.mark(rid, "t0", times[0])
+        self.mark(rid, "t1", times[1])
+        self.mark(rid, "back")
+        return out
+
+    def dump(self, req: P.OpenRequest) -> None:
+        events = self.parts.pop(req.rid, [])
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"rid": req.rid, "i": req.index, "k": len(req.ring), "events": events}) + "\n")
+
+
+TRACE = _Trace(os.environ["P2PINFER_RING_TRACE"]) if os.environ.get("P2PINFER_RING_TRACE") else None
 
 INBOUND_TIMEOUT = 30.0  # the previous member connects right after `start`
 LINGER_TIMEOUT = 30.0  # how long a finished member waits for the entry to close the request
@@ -197,6 +242,8 @@ class Member:
         finally:
             self._active.pop(req.rid, None)
             self._registered.pop(req.rid, None)
+            if TRACE is not None:
+                TRACE.dump(req)
             active.done.set()
             with trio.CancelScope(shield=True):
                 await self.shards.compute(shard.close_session, req.rid)
@@ -228,11 +275,11 @@ class Member:
                         raise NeighbourLost(req.peer_after(), str(e)) from e
                     await out.send({"t": P.DATA, "rid": req.rid})
                     if req.is_first:
-                        await self._run_first(active, shard, prompt, out)
+                        await self._run_first(control, active, shard, prompt, out)
                     elif req.is_last:
                         await self._run_last(control, active, shard, out, params)
                     else:
-                        await self._run_middle(active, shard, out)
+                        await self._run_middle(control, active, shard, out)
             # Our part is done, but the entry alone ends the request: a control link closing early
             # would look to it like a lost member. watch_control ends us when the entry closes it.
             with trio.move_on_after(LINGER_TIMEOUT):
@@ -246,74 +293,129 @@ class Member:
 
     async def _run_single(self, control: Link, req: P.OpenRequest, shard: Shard, prompt, params) -> None:
         sampler = Sampler(params)
-        logits = await self.shards.compute(shard.forward, req.rid, self._check_prompt(prompt))
+        logits = await self._forward(shard, req.rid, self._check_prompt(prompt))
         for n in range(1, req.max_new + 1):
             tok = sampler.sample(logits)
             if await self._emit(control, sampler, tok, n, req.max_new):
                 return
-            logits = await self.shards.compute(shard.forward, req.rid, np.array([tok], dtype=np.int32))
+            logits = await self._forward(shard, req.rid, np.array([tok], dtype=np.int32))
+
+    async def _forward(self, shard: Shard, rid: str, x: np.ndarray, frame: Frame | None = None) -> np.ndarray:
+        if TRACE is None:
+            return await self.shards.compute(shard.forward, rid, x)
+        return await TRACE.forward(self.shards, shard, rid, x, frame)
+
+    async def _pass_on(self, out: Link, rid: str, header: dict, tensor: np.ndarray | None = None) -> None:
+        await out.send(header, tensor)
+        if TRACE is not None:
+            TRACE.mark(rid, "sent")
+
+    def _sampled(self, sampler: Sampler, tok: int) -> dict:
+        """The token fields of a sampled token, as tok frames and h headers carry them."""
+        fields: dict = {"id": tok}
+        if sampler.params.logprobs is not None:
+            fields["lp"], fields["top"] = sampler.last_logprob, [list(x) for x in sampler.last_top]
+        return fields
 
     async def _emit(self, control: Link, sampler: Sampler, tok: int, n: int, max_new: int) -> bool:
         """Send a sampled token to the entry; True when the request is finished."""
         if sampler.is_stop(tok):
             await control.send({"t": P.DONE, "reason": "stop"})
             return True
-        tok_frame = {"t": P.TOK, "id": tok}
-        if sampler.params.logprobs is not None:
-            tok_frame["lp"], tok_frame["top"] = sampler.last_logprob, [list(x) for x in sampler.last_top]
-        await control.send(tok_frame)
+        await control.send({"t": P.TOK, **self._sampled(sampler, tok)})
         if n >= max_new:
             await control.send({"t": P.DONE, "reason": "length"})
             return True
         return False
 
-    async def _run_first(self, active: _Active, shard: Shard, prompt, out: Link) -> None:
-        rid, prompt = active.req.rid, self._check_prompt(prompt)
+    async def _report(self, control: Link, req: P.OpenRequest, header: dict) -> None:
+        """As the reporter, pass a token (and the end) that came around the ring on to the entry."""
+        if not req.is_reporter:
+            return
+        fields = self._fields(header)
+        if fields:
+            await control.send({"t": P.TOK, **fields})
+        if header.get("t") == P.DONE:
+            await control.send({"t": P.DONE, "reason": "length" if header.get("reason") == "length" else "stop"})
+
+    @staticmethod
+    def _fields(header: dict) -> dict:
+        try:
+            return P.token_fields(header)
+        except P.ProtocolError as e:
+            raise LinkClosed(str(e)) from None
+
+    async def _run_first(self, control: Link, active: _Active, shard: Shard, prompt, out: Link) -> None:
+        req = active.req
+        rid, prompt = req.rid, self._check_prompt(prompt)
         for lo in range(0, prompt.size, P.WIRE_PREFILL_CHUNK):
             chunk = prompt[lo : lo + P.WIRE_PREFILL_CHUNK]
-            hidden = await self.shards.compute(shard.forward, rid, chunk)
+            hidden = await self._forward(shard, rid, chunk)
             await out.send({"t": P.HIDDEN, "last": lo + chunk.size >= prompt.size}, hidden)
         inbound = await self._wait_inbound(active)
+        carry = req.reporter > req.index  # the token rides on towards the reporter
         while True:
             frame = await inbound.recv()
             kind = frame.header.get("t")
             if kind == P.DONE:
-                await out.send({"t": P.DONE})
+                await out.send(frame.header)
+                await self._report(control, req, frame.header)
                 return
             if kind != P.TOK:
                 raise LinkClosed(f"unexpected frame {kind!r} on the token link")
-            tok = np.array([int(frame.header["id"])], dtype=np.int32)
-            hidden = await self.shards.compute(shard.forward, rid, tok)
-            await out.send({"t": P.HIDDEN, "last": True}, hidden)
+            fields = self._fields(frame.header)
+            if not fields:
+                raise LinkClosed("a tok frame without a token id")
+            await self._report(control, req, frame.header)  # in-process when we report: the entry is here
+            hidden = await self._forward(shard, rid, np.array([fields["id"]], dtype=np.int32), frame)
+            await self._pass_on(out, rid, {"t": P.HIDDEN, "last": True, **fields} if carry else
+                                {"t": P.HIDDEN, "last": True}, hidden)  # fmt: skip
 
-    async def _next_hidden(self, inbound: Link) -> tuple[np.ndarray, bool] | None:
+    async def _next_hidden(self, inbound: Link) -> Frame:
+        """The next h frame, or the done frame that ends the request."""
         frame = await inbound.recv()
         kind = frame.header.get("t")
         if kind == P.DONE:
-            return None
+            return frame
         if kind != P.HIDDEN or frame.tensor is None:
             raise LinkClosed(f"unexpected frame {kind!r} on the hidden-state link")
-        return frame.tensor, bool(frame.header.get("last"))
+        return frame
 
-    async def _run_middle(self, active: _Active, shard: Shard, out: Link) -> None:
+    async def _run_middle(self, control: Link, active: _Active, shard: Shard, out: Link) -> None:
+        req = active.req
         inbound = await self._wait_inbound(active)
-        while (got := await self._next_hidden(inbound)) is not None:
-            hidden = await self.shards.compute(shard.forward, active.req.rid, got[0])
-            await out.send({"t": P.HIDDEN, "last": got[1]}, hidden)
-        await out.send({"t": P.DONE})
+        carry = req.reporter > req.index
+        while (frame := await self._next_hidden(inbound)).header.get("t") != P.DONE:
+            await self._report(control, req, frame.header)
+            hidden = await self._forward(shard, req.rid, frame.tensor, frame)
+            header = {"t": P.HIDDEN, "last": bool(frame.header.get("last"))}
+            if carry:
+                header.update(self._fields(frame.header))
+            await self._pass_on(out, req.rid, header, hidden)
+        await out.send(frame.header)
+        await self._report(control, req, frame.header)
 
     async def _run_last(self, control: Link, active: _Active, shard: Shard, out: Link, params) -> None:
         req = active.req
         sampler = Sampler(params)
         inbound = await self._wait_inbound(active)
         n = 0
-        while (got := await self._next_hidden(inbound)) is not None:
-            logits = await self.shards.compute(shard.forward, req.rid, got[0])
-            if not got[1]:
+        while (frame := await self._next_hidden(inbound)).header.get("t") != P.DONE:
+            logits = await self._forward(shard, req.rid, frame.tensor, frame)
+            if not frame.header.get("last"):
                 continue  # a prompt chunk before the last one: nothing to sample yet
             n += 1
             tok = sampler.sample(logits)
-            if await self._emit(control, sampler, tok, n, req.max_new):
-                await out.send({"t": P.DONE})
-                return
-            await out.send({"t": P.TOK, "id": tok})
+            if sampler.is_stop(tok):
+                end = {"t": P.DONE, "reason": "stop"}
+            elif n >= req.max_new:
+                end = {"t": P.DONE, "reason": "length", **self._sampled(sampler, tok)}
+            else:  # the ring's frame first: it is the next step's critical path, the entry's copy is not
+                await self._pass_on(out, req.rid, {"t": P.TOK, **self._sampled(sampler, tok)})
+                if req.is_reporter:
+                    await control.send({"t": P.TOK, **self._sampled(sampler, tok)})
+                continue
+            await out.send(end)
+            if req.is_reporter:
+                await self._report(control, req, end)
+            return
