@@ -100,11 +100,27 @@ def _listen_addrs(settings: Settings, state: dict) -> list[multiaddr.Multiaddr]:
     return out
 
 
+def run_agent(settings: Settings) -> None:
+    """Build an agent (a ConfigError is one sentence for the user) and run it until it is stopped."""
+    agent = Agent(settings)
+    trio.run(agent.run)
+
+
 class Agent:
+    """Every part of one peer, built in dependency order: who we are, then the network, then the
+    request path on top of it. Nothing is assigned after construction; `run` starts it all."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = time.monotonic()
-        s = settings
+        self._addrs: list[str] = []
+        self._stopping = False
+        self._who_we_are(settings)
+        self._network(settings)
+        self._request_path(settings)
+
+    def _who_we_are(self, s: Settings) -> None:
+        """Data dir, key, cluster secret (or a join token), API key, bootstrap addresses."""
         try:
             s.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -136,6 +152,10 @@ class Agent:
             except AddressError as e:
                 log.warning("ignoring bootstrap address: %s", e)
         self.peer_id = self.identity.peer_id.to_base58()
+
+    def _network(self, s: Settings) -> None:
+        """Ports (checked now, so a busy one is a start-up sentence), the libp2p host and its keeper,
+        gossip and membership."""
         self.state = _read_state(s.data_dir)
         self.listen = _listen_addrs(s, self.state)
         self.http_port = _bind_http(s.http_host, s.http_port)
@@ -143,17 +163,12 @@ class Agent:
         self.compute = measure_compute() if s.compute else 0.0
         self.host = build_host(self.identity.key_pair, self.secret, self.listen)
         self.dialer = Keeper(self.host)  # dials, pings, closes and forgets connections
-        self.membership = Membership(
-            self.identity,
-            self.secret,
-            lambda validator: Gossip(self.host, TOPIC, validator),
-            self.dialer,
-            self.describe,
-            s.peer_ttl,
-        )
-        self._addrs: list[str] = []
-        self._stopping = False
-        # the request path: engine-side shards and member, entry-side ring driver, OpenAI routes
+        self.streams = Streams(self.dialer)
+        self.membership = Membership(self.identity, self.secret, Gossip(self.host, TOPIC), self.dialer,
+                                     self.describe, s.peer_ttl)  # fmt: skip
+
+    def _request_path(self, s: Settings) -> None:
+        """Shards and the member side, the entry side and its Generator, the OpenAI routes."""
         from p2pinfer.engine import ModelCatalog, use_kernel_cache
 
         use_kernel_cache(s.data_dir)  # compiled kernels persist across restarts (see `p2pinfer warm`)
@@ -162,9 +177,9 @@ class Agent:
             log.warning("default model %s is not available here; known: %s", s.model,
                         ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
         self.shards = ShardHost(s.memory_limit, self.membership.poke, s.capacity)
-        self.member = Member(self.catalog, self.shards, None, self.membership.poke, can_compute=s.compute)
-        self.linker = Linker(Streams(self.dialer), self.peer_id, self.member.handle)
-        self.member.linker = self.linker
+        self.linker = Linker(self.streams, self.peer_id)
+        self.member = Member(self.catalog, self.shards, self.linker, self.membership.poke, can_compute=s.compute)
+        self.linker.serve(self.member.handle)
         self.entry = EntryService(self.peer_id, self.linker, self.membership.view.records, s.max_requests,
                                   s.capacity)  # fmt: skip
         self.metrics = Metrics()
@@ -200,9 +215,7 @@ class Agent:
     def memory_offer(self) -> int:
         if not self.settings.compute:
             return 0
-        _, available = memory_info()
-        limit = self.settings.memory_limit
-        return available if limit is None else max(0, min(available, limit - self.shards.held_bytes()))
+        return self.shards.offer(memory_info()[1])
 
     def served_models(self) -> list[str]:
         """Every model some computing peer in the view has."""

@@ -133,16 +133,13 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import trio
-
-    from p2pinfer.agent import Agent
+    from p2pinfer.agent import run_agent
     from p2pinfer.logs import setup_logging
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     settings = load_settings(overrides, getattr(args, "config", None))
     setup_logging(settings.log_level)
-    agent = Agent(settings)
-    trio.run(agent.run)
+    run_agent(settings)
     log.info("agent stopped")
     return 0
 

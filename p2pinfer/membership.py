@@ -35,7 +35,7 @@ class Membership:
         self,
         identity: Identity,
         secret: bytes,
-        gossip_factory: Callable[[Callable[[str, bytes], bool]], Gossip],
+        gossip: Gossip,
         keeper: Keeper,
         describe: Callable[[], dict],
         ttl: float,
@@ -46,7 +46,7 @@ class Membership:
         self.view = self.announcer.view
         self.keeper = keeper
         self.describe = describe
-        self.gossip = gossip_factory(self._validate)
+        self.gossip = gossip
         self._changed = trio.Event()
         self._probed_at: dict[str, float] = {}
         self._rejections: dict[str, float] = {}
@@ -129,7 +129,7 @@ class Membership:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.gossip.run, self.on_message)
+            await nursery.start(self.gossip.run, self._validate, self.on_message)
             task_status.started()
             interval = self.announcer.interval
             last_tick = time.monotonic()

@@ -18,13 +18,13 @@ from tests.harness import new_secret, wait_for
 async def _misbehave(target_addr: str, secret: bytes, victim_id: str) -> None:
     me = Identity(b"\x42" * 32)
     host = build_host(me.key_pair, secret, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
-    gossip = Gossip(host, TOPIC, lambda forwarder, data: True)  # we forward anything: a broken peer
+    gossip = Gossip(host, TOPIC)
 
     async def ignore(_data: bytes) -> None:
         pass
 
     async with trio.open_nursery() as nursery, host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        await nursery.start(gossip.run, ignore)
+        await nursery.start(gossip.run, lambda forwarder, data: True, ignore)  # we forward anything: a broken peer
         await host.connect(parse_peer_addr(target_addr))
         with trio.fail_after(15):  # until the agent's subscription to the topic has reached us
             while ID.from_base58(victim_id) not in gossip.pubsub.peer_topics.get(TOPIC, set()):

@@ -127,9 +127,9 @@ def _cache_sender_records() -> None:
 
 
 class Gossip:
-    def __init__(self, host: IHost, topic: str, validator: Validator) -> None:
+    def __init__(self, host: IHost, topic: str) -> None:
         self.topic = topic
-        self._validator = validator
+        self._validator: Validator = lambda forwarder, data: False  # run() sets the real one
         _cache_sender_records()
         self.router = _Router(
             [PROTOCOL_ID_V11, PROTOCOL_ID],
@@ -147,7 +147,6 @@ class Gossip:
             time_to_live=30,
         )
         self.pubsub = Pubsub(host, self.router, max_inbound_rpc_size=MAX_RPC_BYTES)
-        self.pubsub.set_topic_validator(topic, self._validate, False)
         self._subscription = None
 
     def _validate(self, forwarder: ID, msg) -> bool:
@@ -157,10 +156,12 @@ class Gossip:
             log.exception("gossip validator failed")
             return False
 
-    async def run(
-        self, on_message: Callable[[bytes], Awaitable[None]], *, task_status=trio.TASK_STATUS_IGNORED
-    ):
-        """Run the router and deliver every accepted message; call before any peer connects."""
+    async def run(self, validator: Validator, on_message: Callable[[bytes], Awaitable[None]], *,
+                  task_status=trio.TASK_STATUS_IGNORED):  # fmt: skip
+        """Run the router and deliver every message `validator` accepts (it runs before a message is
+        forwarded, so a bad one goes no further); call before any peer connects."""
+        self._validator = validator
+        self.pubsub.set_topic_validator(self.topic, self._validate, False)
         pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_QUEUE
         async with background_trio_service(self.pubsub), background_trio_service(self.router):
             await self.pubsub.wait_until_ready()

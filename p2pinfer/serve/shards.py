@@ -48,6 +48,12 @@ class ShardHost:
     def loading(self) -> tuple[tuple[str, int, int, float], ...]:
         return tuple((m, s, e, self.progress.fraction((m, s, e))) for (m, s, e) in sorted(self._loading))
 
+    def offer(self, available: int) -> int:
+        """Bytes of new layers this peer can take: what the device has free, within --memory-limit."""
+        if self.memory_limit is None:
+            return available
+        return max(0, min(available, self.memory_limit - self.held_bytes()))
+
     def held_bytes(self, model: str | None = None) -> int:
         return sum(
             h.shard.entry.shard_bytes(s, e) for (m, s, e), h in self._held.items() if model in (None, m)
