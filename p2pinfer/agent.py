@@ -162,9 +162,9 @@ class Agent:
         self.memory_total, _ = memory_info()
         self.compute = measure_compute() if s.compute else 0.0
         self.host = build_host(self.identity.key_pair, self.secret, self.listen)
-        self.dialer = Keeper(self.host)  # dials, pings, closes and forgets connections
-        self.streams = Streams(self.dialer)
-        self.membership = Membership(self.identity, self.secret, Gossip(self.host, TOPIC), self.dialer,
+        self.keeper = Keeper(self.host)  # dials, pings, closes and forgets connections
+        self.streams = Streams(self.keeper)
+        self.membership = Membership(self.identity, self.secret, Gossip(self.host, TOPIC), self.keeper,
                                      self.describe, s.peer_ttl)  # fmt: skip
 
     def _request_path(self, s: Settings) -> None:
@@ -295,7 +295,7 @@ class Agent:
                 info = parse_peer_addr(a)
             except AddressError:
                 continue
-            self.dialer.want(info, "mdns")
+            self.keeper.want(info, "mdns")
 
     async def _watch_signals(self, cancel: trio.CancelScope) -> None:
         """Three-phase shutdown: stop taking work (and say so in our record), let the requests in flight
@@ -333,9 +333,9 @@ class Agent:
                 self._addrs = advertised_addrs(list(self.host.get_transport_addrs()), self.identity.peer_id)
                 self._save_state()
                 await nursery.start(self.membership.run)
-                nursery.start_soon(self.dialer.run)
+                nursery.start_soon(self.keeper.run)
                 for info in self.bootstrap_infos:
-                    self.dialer.want(info, "bootstrap", persistent=True)
+                    self.keeper.want(info, "bootstrap", persistent=True)
                 if self.settings.mdns:
                     port = int(self.host.get_transport_addrs()[0].value_for_protocol("tcp"))
                     ips = sorted({a.split("/")[2] for a in self._addrs})

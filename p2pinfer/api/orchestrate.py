@@ -137,14 +137,14 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
 
 
 class Orchestration:
-    def __init__(self, generator: Generator, data_dir: Path, *, records=None, host=None, connected=None,
+    def __init__(self, generator: Generator, data_dir: Path, *, records=None, keeper=None,
                  announcer=None) -> None:  # fmt: skip
         self.generator = generator
         self.entry = generator.entry
         self.runner = Runner(generator)
         self.tasks = TaskRegistry()
         self.records = records or self.entry.records
-        self.host, self.connected, self.announcer = host, connected, announcer
+        self.keeper, self.announcer = keeper, announcer  # net/keeper.py: connected peers, RTT pings
         self.measure = Measurements(self.entry.self_id)
         self.entry.routing_inputs = self.routing_inputs
         concurrency = max(1, min(4, self.entry.max_requests // 2))
@@ -176,14 +176,14 @@ class Orchestration:
     async def lifespan(self, app):
         async with trio.open_nursery() as nursery:
             await nursery.start(self.batches.run)
-            if self.host is not None and self.connected is not None:
-                nursery.start_soon(run_probes, self.measure, self.host, self._probe_targets,
+            if self.keeper is not None:
+                nursery.start_soon(run_probes, self.measure, self.keeper.rtt_ms, self._probe_targets,
                                    lambda: list(self.generator.book.recent), self._publish)  # fmt: skip
             yield
             nursery.cancel_scope.cancel()
 
     def _probe_targets(self) -> list[str]:
-        connected = self.connected()
+        connected = self.keeper.connected_peers()
         return [
             r.peer_id for r in self.records() if r.peer_id != self.entry.self_id and r.peer_id in connected
         ]
@@ -373,11 +373,9 @@ def orchestration_for(agent) -> Orchestration | None:
     if generator is None or settings is None:
         return None
     membership = getattr(agent, "membership", None)
-    dialer = getattr(agent, "dialer", None)
     return Orchestration(
         generator,
         settings.data_dir,
-        host=getattr(agent, "host", None),
-        connected=dialer.connected_peers if dialer is not None else None,
+        keeper=getattr(agent, "keeper", None),
         announcer=membership.announcer if membership is not None else None,
     )

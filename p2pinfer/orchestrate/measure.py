@@ -79,20 +79,13 @@ class Measurements:
         return inputs_from_records(records, self.self_id, self.rtt, self.tps, pending, avoid)
 
 
-async def ping_ms(host, peer_id: str) -> float:
-    """The lowest of PINGS round trips on one ping stream, in ms (net/keeper.py does the pinging)."""
-    from p2pinfer.net.keeper import ping_rtt_ms  # libp2p is imported only where pinging happens
-
-    return await ping_rtt_ms(host, peer_id, PINGS)
-
-
 def _peers(extra: dict) -> tuple:
     return tuple(sorted(extra.get("rtt", {}))), tuple(sorted(extra.get("tps", {})))
 
 
-async def run_probes(measure: Measurements, host, peers, recent, publish) -> None:
-    """Forever: ping `peers()` (connected peers in the view), fold `recent()` requests' rates in, and
-    `publish(extra)` every PUBLISH_INTERVAL."""
+async def run_probes(measure: Measurements, rtt_ms, peers, recent, publish) -> None:
+    """Forever: ping `peers()` (connected peers in the view) with `rtt_ms(peer, rounds)` (the keeper's),
+    fold `recent()` requests' rates in, and `publish(extra)` every PUBLISH_INTERVAL."""
     last_publish, last = -1e9, {}
     while True:
         targets = list(peers())
@@ -110,7 +103,7 @@ async def run_probes(measure: Measurements, host, peers, recent, publish) -> Non
                 async def probe(p=peer) -> None:
                     try:
                         with trio.fail_after(PROBE_TIMEOUT):
-                            measure.observe_rtt(p, await ping_ms(host, p))
+                            measure.observe_rtt(p, await rtt_ms(p, PINGS))
                     except Exception as e:  # a peer going away mid-ping is routine
                         log.debug("rtt probe of %s failed: %s: %s", p, type(e).__name__, e)
 
