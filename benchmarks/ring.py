@@ -1,16 +1,22 @@
 """Decode tok/s and time to first token for rings of 1, 2 and 3 peers on loopback, as ratios to 1 peer.
 
 Each configuration is a fresh set of real agents (separate processes, libp2p on 127.0.0.1) whose
---memory-limit forces the ring size; only one configuration runs at a time, so they do not compete
-for the CPU. Every configuration first serves one warm-up request (members load and compile their
-shards), then REPEATS measured requests: a ~128-token prompt, 128 greedy tokens, streamed.
+--memory-limit forces the ring size. All configurations run at once and take requests in turn, one at
+a time, so they do not compete for the CPU, yet see the same load: this 2-core box is shared, and its
+load swings by 3x within minutes. Every configuration first serves one warm-up request (members load
+and compile their shards), then REPEATS measured requests: a ~128-token prompt, 128 greedy tokens,
+streamed. Ratios and ms/hop are also given per round (against the same round's lone peer).
 
   TTFT      request sent -> first content chunk (prefill through the ring + first sample)
   decode    (tokens - 1) / (last chunk - first chunk)
   per hop   (ms per token at k peers - ms per token at 1 peer) / k: a k-ring makes k hops per
             token (k-1 hidden-state hops and the token's hop back to the first member)
 
-Run: python benchmarks/ring.py [--repeats 3] [--tokens 128]
+Run: python benchmarks/ring.py [--repeats 3] [--tokens 128] [--synthetic] [--baseline TREE] [--trace]
+
+--baseline TREE: rings also run from another source tree (e.g. `git archive` of the commit before a
+change), in the same rounds. --trace: member.py's per-step timestamps (P2PINFER_RING_TRACE), summed up
+as the median microseconds of each stage of a hop: where the time per hop goes.
 
 --synthetic: also the synthetic ~1B-shaped Q4_0 model of benchmarks/engine.py (written once to its cache
 dir), first on one peer with no limit, then on 3 peers whose --memory-limit is a third of what the model
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import openai
@@ -101,32 +108,47 @@ def one_request(client: openai.OpenAI, tokens: int, model: str = MODEL) -> tuple
     return first - t0, (n - 1) / (last - first) if last > first else float("nan"), n
 
 
-def measure(peers: int, repeats: int, tokens: int, model: str = MODEL, limit: str | None = None,
-            extra: tuple[str, ...] = (), tree: Path | None = None, trace: bool = False) -> dict:  # fmt: skip
-    with tempfile.TemporaryDirectory() as d:
-        env = {"P2PINFER_RING_TRACE": str(Path(d))} if trace and tree is None else None
-        agents = start_ring(Path(d), peers, limit, extra, tree, env)
+def measure(configs: list[dict], repeats: int, tokens: int) -> list[dict]:
+    """Every configuration ({peers, model, limit, extra, tree, trace}) runs at once, each its own cluster
+    (its own secret, so they never merge), and requests go to them in turn, `repeats` rounds: this box is
+    shared and its load swings by 3x within minutes, so only requests interleaved like this compare.
+    An idle cluster costs little (gossip heartbeats; the engine's threads sleep)."""
+    with ExitStack() as stack:
+        clusters = []
         try:
-            entry = agents[-1]
-            client = openai.OpenAI(base_url=entry.url + "/v1", api_key="x", timeout=900, max_retries=0)
-            t0 = time.perf_counter()
-            one_request(client, 8, model)  # warm-up: shards load and compile
-            warm = time.perf_counter() - t0
-            runs = [one_request(client, tokens, model) for _ in range(repeats)]
-            layers = sorted(tuple(r) for a in agents for p in a.get("/v1/cluster")["peers"] if p["self"]
-                            for r in p["layers"])  # fmt: skip
+            for c in configs:
+                d = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                env = {"P2PINFER_RING_TRACE": str(d)} if c.get("trace") and c.get("tree") is None else None
+                agents = start_ring(d, c["peers"], c.get("limit"), c.get("extra", ()), c.get("tree"), env)
+                clusters.append((d, agents))
+                stack.callback(lambda agents=agents: [a.stop() for a in agents])
+            out = []
+            for c, (d, agents) in zip(configs, clusters, strict=True):
+                c["client"] = openai.OpenAI(base_url=agents[-1].url + "/v1", api_key="x", timeout=900,
+                                            max_retries=0)  # fmt: skip
+                t0 = time.perf_counter()
+                one_request(c["client"], 8, c["model"])  # warm-up: shards load and compile
+                c["warm"], c["runs"] = time.perf_counter() - t0, []
+                for f in d.glob("*.jsonl"):
+                    f.unlink()  # the warm-up's trace
+            for _ in range(repeats):
+                for c in configs:
+                    c["runs"].append(one_request(c["client"], tokens, c["model"]))
+            for c, (d, agents) in zip(configs, clusters, strict=True):
+                layers = sorted(tuple(r) for a in agents for p in a.get("/v1/cluster")["peers"] if p["self"]
+                                for r in p["layers"])  # fmt: skip
+                parts = [json.loads(line) for f in d.glob("*.jsonl") for line in f.read_text().splitlines()]
+                runs = c["runs"]
+                out.append({"peers": c["peers"], "ttft": statistics.median(r[0] for r in runs),
+                            "tps": statistics.median(r[1] for r in runs), "round_tps": [r[1] for r in runs],
+                            "tokens": runs[0][2], "warm": c["warm"], "layers": layers, "tree": c.get("tree"),
+                            "trace": breakdown(parts) if parts else None})  # fmt: skip
+            return out
         except Exception:
-            for a in agents:
-                print(f"--- {a.name} log tail ---\n{a.log()[-3000:]}", file=sys.stderr)
+            for _, agents in clusters:
+                for a in agents:
+                    print(f"--- {a.name} log tail ---\n{a.log()[-3000:]}", file=sys.stderr)
             raise
-        finally:
-            for a in agents:
-                a.stop()
-        parts = [json.loads(line) for f in Path(d).glob("*.jsonl") for line in f.read_text().splitlines()]
-    ttft = statistics.median(r[0] for r in runs)
-    tps = statistics.median(r[1] for r in runs)
-    return {"peers": peers, "ttft": ttft, "tps": tps, "tokens": runs[0][2], "warm": warm, "layers": layers,
-            "tree": tree, "trace": breakdown(parts) if parts else None}  # fmt: skip
 
 
 def _steps(events: list) -> list[dict]:
@@ -155,18 +177,17 @@ def breakdown(parts: list[dict]) -> dict:
         k = len(members)
         for i, steps in members.items():
             for st in steps:
+                m = f"[{i}]" if k > 1 else ""
                 if {"t0", "t1"} <= st.keys():
-                    add(f"compute[{i}]" if k > 1 else "compute", st["t1"] - st["t0"])
+                    add(f"compute{m}", st["t1"] - st["t0"])
                 if {"t1", "back"} <= st.keys():
-                    add("thread -> task", st["back"] - st["t1"])
+                    add(f"thread -> task{m}", st["back"] - st["t1"])
                 if {"call", "t0"} <= st.keys():
-                    add("task -> thread", st["t0"] - st["call"])
-                if {"got", "call"} <= st.keys():
-                    add("task work before forward", st["call"] - st["got"])
+                    add(f"task -> thread{m}", st["t0"] - st["call"])
                 if {"in", "got"} <= st.keys():
-                    add("reader -> task", st["got"] - st["in"])
+                    add(f"reader -> task{m}", st["got"] - st["in"])
                 if {"back", "sent"} <= st.keys():
-                    add("sample + encode + write" if i == k - 1 else "encode + write", st["sent"] - st["back"])
+                    add(f"sample + encode + write{m}" if i == k - 1 else f"encode + write{m}", st["sent"] - st["back"])
                 if "in" in st and k > 1:  # the frame's sender, the member before us, got its forward's result
                     back = [s["back"] for s in members.get((i - 1) % k, []) if s.get("back", 1e18) <= st["in"]]
                     if back:
@@ -202,6 +223,11 @@ def report(name: str, results: list[dict]) -> None:
         print(f"{r['peers']:>5} {r['ttft']:>8.3f} {r['tps']:>13.2f} {r['tps'] / base['tps']:>9.3f} "
               f"{r['ttft'] / base['ttft']:>7.2f} {hop:>7.3f}  {r['layers']}  (warm-up {r['warm']:.0f} s)"
               f"{'  BASELINE ' + str(r['tree']) if r['tree'] else ''}")  # fmt: skip
+    for r in results[1:]:  # the same round's lone request is the fairest baseline under a swinging load
+        ratios = [t / t1 for t, t1 in zip(r["round_tps"], base["round_tps"], strict=True)]
+        hops = [(1000 / t - 1000 / t1) / r["peers"] for t, t1 in zip(r["round_tps"], base["round_tps"], strict=True)]
+        print(f"  {r['peers']} peers{' (baseline)' if r['tree'] else ''}: per round x 1-peer "
+              f"{' '.join(f'{x:.3f}' for x in ratios)}, ms/hop {' '.join(f'{x:.3f}' for x in hops)}")
     for r in results:
         if r["trace"]:
             print(f"  {r['peers']} peer(s), median us per step:")
@@ -228,9 +254,9 @@ def main() -> None:
         for k in peers:
             lim = limit if k > 1 else ("" if limit else None)
             if args.baseline and k > 1:
-                out.append(measure(k, args.repeats, args.tokens, model, lim, extra, args.baseline))
-            out.append(measure(k, args.repeats, args.tokens, model, lim, extra, trace=args.trace))
-        return out
+                out.append({"peers": k, "model": model, "limit": lim, "extra": extra, "tree": args.baseline})
+            out.append({"peers": k, "model": model, "limit": lim, "extra": extra, "trace": args.trace})
+        return measure(out, args.repeats, args.tokens)
 
     if not args.only_synthetic:
         report(MODEL, configs(MODEL, args.peers))

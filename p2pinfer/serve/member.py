@@ -296,9 +296,15 @@ class Member:
         logits = await self._forward(shard, req.rid, self._check_prompt(prompt))
         for n in range(1, req.max_new + 1):
             tok = sampler.sample(logits)
-            if await self._emit(control, sampler, tok, n, req.max_new):
+            if sampler.is_stop(tok) or n >= req.max_new:
+                await self._emit(control, sampler, tok, n, req.max_new)
                 return
-            logits = await self._forward(shard, req.rid, np.array([tok], dtype=np.int32))
+            # The next step starts before the entry hears of this token: the entry is usually this
+            # process, and its streaming to the client then runs while the engine's threads compute
+            # (sent first, it ran before the forward: ShardHost.compute's lock is a checkpoint).
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(control.send, {"t": P.TOK, **self._sampled(sampler, tok)})
+                logits = await self._forward(shard, req.rid, np.array([tok], dtype=np.int32))
 
     async def _forward(self, shard: Shard, rid: str, x: np.ndarray, frame: Frame | None = None) -> np.ndarray:
         if TRACE is None:
@@ -366,10 +372,12 @@ class Member:
             fields = self._fields(frame.header)
             if not fields:
                 raise LinkClosed("a tok frame without a token id")
-            await self._report(control, req, frame.header)  # in-process when we report: the entry is here
             hidden = await self._forward(shard, rid, np.array([fields["id"]], dtype=np.int32), frame)
             await self._pass_on(out, rid, {"t": P.HIDDEN, "last": True, **fields} if carry else
                                 {"t": P.HIDDEN, "last": True}, hidden)  # fmt: skip
+            # after our frame is on its way: the entry (in this process when we report) then streams the
+            # token to its client while we wait for the next one, off the ring's critical path
+            await self._report(control, req, frame.header)
 
     async def _next_hidden(self, inbound: Link) -> Frame:
         """The next h frame, or the done frame that ends the request."""
@@ -386,12 +394,12 @@ class Member:
         inbound = await self._wait_inbound(active)
         carry = req.reporter > req.index
         while (frame := await self._next_hidden(inbound)).header.get("t") != P.DONE:
-            await self._report(control, req, frame.header)
             hidden = await self._forward(shard, req.rid, frame.tensor, frame)
             header = {"t": P.HIDDEN, "last": bool(frame.header.get("last"))}
             if carry:
                 header.update(self._fields(frame.header))
             await self._pass_on(out, req.rid, header, hidden)
+            await self._report(control, req, frame.header)  # off the critical path, as in _run_first
         await out.send(frame.header)
         await self._report(control, req, frame.header)
 
