@@ -169,9 +169,9 @@ class Agent:
 
     def _request_path(self, s: Settings) -> None:
         """Shards and the member side, the entry side and its Generator, the OpenAI routes."""
-        from p2pinfer.engine import ModelCatalog, use_kernel_cache
+        from p2pinfer.engine import ModelCatalog, configure
 
-        use_kernel_cache(s.data_dir)  # compiled kernels persist across restarts (see `p2pinfer warm`)
+        configure(kernel_cache_dir=s.data_dir)  # compiled kernels persist across restarts (see `p2pinfer warm`)
         self.catalog = ModelCatalog(s.models_dirs)
         if s.model not in {e.name for e in self.catalog.list()}:
             log.warning("default model %s is not available here; known: %s", s.model,

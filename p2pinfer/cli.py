@@ -133,12 +133,15 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from p2pinfer.agent import run_agent
+    from p2pinfer.engine import configure
     from p2pinfer.logs import setup_logging
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     settings = load_settings(overrides, getattr(args, "config", None))
     setup_logging(settings.log_level)
+    configure(kernel_cache_dir=settings.data_dir)  # the engine's backend, before the agent imports tinygrad
+    from p2pinfer.agent import run_agent
+
     run_agent(settings)
     log.info("agent stopped")
     return 0
@@ -153,7 +156,11 @@ def _cmd_warm(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     settings = load_settings(overrides)
     setup_logging(settings.log_level)
-    from p2pinfer.engine import EngineError, ModelCatalog, Shard, use_kernel_cache
+    from p2pinfer.engine import configure
+
+    configure(kernel_cache_dir=settings.data_dir)  # before anything imports tinygrad
+    from p2pinfer.engine import EngineError, ModelCatalog, Shard
+    from p2pinfer.engine.device import use_kernel_cache
     from p2pinfer.progress import Bars, LoadProgress
 
     cache = use_kernel_cache(settings.data_dir)

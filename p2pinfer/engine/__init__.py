@@ -16,12 +16,9 @@ device (backend choice, kernel cache), synth (random-weight GGUFs for tests and 
 Calls into one Shard must be serialised by the caller; any (non-main) thread may make them.
 """
 
-from .device import configure_tinygrad_device, use_kernel_cache
-
-configure_tinygrad_device()  # must run before anything imports tinygrad
-
-from .catalog import EMBEDDED_MODEL_NAME, ModelCatalog, ModelEntry  # noqa: E402
-from .errors import (  # noqa: E402
+from .catalog import EMBEDDED_MODEL_NAME, ModelCatalog, ModelEntry
+from .device import configure, use_kernel_cache
+from .errors import (
     ContextLimitError,
     EngineError,
     ModelFileError,
@@ -30,9 +27,17 @@ from .errors import (  # noqa: E402
     UnknownSessionError,
     UnsupportedModelError,
 )
-from .sampling import Sampler, SamplingParams  # noqa: E402
-from .shard import Shard  # noqa: E402
-from .tokenizer import IncrementalDecoder, Tokenizer  # noqa: E402
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+def __getattr__(name: str):
+    # Shard imports tinygrad, which must not happen before configure() had its chance to pick the backend
+    if name == "Shard":
+        from .shard import Shard
+
+        return Shard
+    raise AttributeError(f"module 'p2pinfer.engine' has no attribute {name!r}")
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
@@ -50,5 +55,6 @@ __all__ = [
     "UnknownModelError",
     "UnknownSessionError",
     "UnsupportedModelError",
+    "configure",
     "use_kernel_cache",
 ]

@@ -1,8 +1,14 @@
-"""Choose tinygrad's CPU backend before tinygrad is imported (it reads DEV once, at import).
+"""The engine's configuration: tinygrad's CPU backend and where compiled kernels are kept.
 
-Agents are started by users without env vars, so the engine picks the fastest backend that works here:
-LLVM (libLLVM >= 16; Debian's 14/15 miscompile or fail), else clang, else tinygrad's own x86 emitter,
-which needs no external tool. An explicit DEV in the environment always wins.
+    from p2pinfer.engine import configure
+    configure(kernel_cache_dir=data_dir)     # once, before the first model loads (run_agent, `p2pinfer warm`)
+
+tinygrad reads DEV once, when it is imported, so the backend must be chosen first. Agents are started by
+users without env vars, so the engine picks the fastest backend that works here: LLVM (libLLVM >= 16;
+Debian's 14/15 miscompile or fail), else clang, else tinygrad's own x86 emitter, which needs no external
+tool. An explicit `device` argument wins, then DEV in the environment. Code that imports the engine's
+tinygrad modules without calling configure() (tests, benchmarks) gets the same defaults
+(`ensure_configured`, called by those modules before they import tinygrad).
 """
 
 from __future__ import annotations
@@ -33,6 +39,33 @@ def pick_default_device() -> str:
     if shutil.which("clang"):
         return "CPU"
     return "CPU:X86"
+
+
+_configured = False
+
+
+def configure(device: str | None = None, kernel_cache_dir=None) -> str:
+    """Choose the backend (`device`, else DEV, else the fastest that works) and, when given, keep compiled
+    kernels in `kernel_cache_dir`/kernels.db. Returns the device. Call before loading a model."""
+    global _configured
+    if device is not None and "tinygrad" in sys.modules and os.environ.get("DEV") != device:
+        import warnings
+
+        warnings.warn(f"tinygrad is already imported with DEV={os.environ.get('DEV')}; {device} cannot apply",
+                      stacklevel=2)  # fmt: skip
+    elif device is not None:
+        os.environ["DEV"] = device
+    chosen = configure_tinygrad_device()
+    _configured = True
+    if kernel_cache_dir is not None:
+        use_kernel_cache(kernel_cache_dir)
+    return chosen
+
+
+def ensure_configured() -> None:
+    """The defaults, for code that loads the engine without calling configure()."""
+    if not _configured:
+        configure()
 
 
 def configure_tinygrad_device() -> str:

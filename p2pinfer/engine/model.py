@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .device import ensure_configured
+
+ensure_configured()  # tinygrad reads DEV once, at import: the engine's choice unless configure() ran first
 from tinygrad import Tensor, UOp, dtypes
 
 from . import native

@@ -37,6 +37,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .device import ensure_configured
+
+ensure_configured()  # tinygrad reads DEV once, at import: the engine's choice unless configure() ran first
 from tinygrad import Device, Tensor, dtypes
 
 from . import native

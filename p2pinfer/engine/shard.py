@@ -11,6 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .device import ensure_configured
+
+ensure_configured()  # tinygrad reads DEV once, at import: the engine's choice unless configure() ran first
 from tinygrad import Context, GlobalCounters, Tensor, TinyJit, UOp, dtypes
 
 from .catalog import ModelEntry, open_source
