@@ -243,6 +243,8 @@ async def serve_libp2p() -> None:
     from libp2p.custom_types import TProtocol
 
     from p2pinfer.net import tuning
+    from p2pinfer.net.keeper import Keeper
+    from p2pinfer.net.streams import Streams
     from p2pinfer.serve.links import Linker
 
     me, host, listen = _host()
@@ -259,7 +261,7 @@ async def serve_libp2p() -> None:
             with trio.move_on_after(1):
                 await stream.close()
 
-    Linker(host, str(me.peer_id), echo_frames)
+    Linker(Streams(Keeper(host)), str(me.peer_id), echo_frames)
     host.set_stream_handler(TProtocol(BULK_PROTOCOL), bulk_handler)
     async with host.run(listen):
         addr = f"{host.get_addrs()[0]}"
@@ -312,6 +314,8 @@ async def client_libp2p(addr: str, bulk_mb: int, rounds: int, check: bool = Fals
 
     from p2pinfer.net import tuning
     from p2pinfer.net.addrs import parse_peer_addr
+    from p2pinfer.net.keeper import Keeper
+    from p2pinfer.net.streams import Streams
     from p2pinfer.serve.links import Linker
 
     _count_socket_writes()
@@ -322,7 +326,7 @@ async def client_libp2p(addr: str, bulk_mb: int, rounds: int, check: bool = Fals
     async def refuse(link) -> None:
         return None
 
-    linker = Linker(host, str(me.peer_id), refuse)
+    linker = Linker(Streams(Keeper(host)), str(me.peer_id), refuse)
     async with host.run(listen):
         await host.connect(info)
         if check:  # 3 MiB messages cross the 256 KiB initial window many times, both ways

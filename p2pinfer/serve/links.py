@@ -76,10 +76,6 @@ class Linker:
     """Opens links by peer id and hands incoming ones to `handler`; links to ourselves stay in-process."""
 
     def __init__(self, streams: Streams, self_id: str, handler: Handler | None = None) -> None:
-        if not isinstance(streams, Streams):  # benchmarks/link.py still passes its libp2p host
-            from p2pinfer.net.keeper import Keeper
-
-            streams = Streams(Keeper(streams))
         self.streams = streams
         self.self_id = self_id
         self.handler: Handler | None = None
