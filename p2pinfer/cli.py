@@ -60,7 +60,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--sessions", type=int, help="requests one shard serves at once (default 8)")
     p.add_argument("--kv-tokens", type=int, help="KV tokens the election reserves per ring member (default 2048)")
     p.add_argument("--max-context", type=int,
-                   help="most tokens one request holds, prompt + answer, within the model's (default 4096)")  # fmt: skip
+                   help="most tokens one request holds, prompt + answer (default: the model's context)")  # fmt: skip
     p.add_argument("--beam", type=int, help="tinygrad kernel search width while warming (default 0: none)")
     p.add_argument("--no-preload", dest="preload", action="store_false",
                    help="as a spare, do not pre-load a range that only one peer holds")  # fmt: skip
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model to warm (default smollm2-135m)")
     p.add_argument("--models-dir", dest="models_dirs", action="append", type=Path)
     p.add_argument("--threads", type=int, help="cores the kernels will run on (default: all)")
+    for flag, text in (("--kv-tokens", "KV size to warm (as `run --kv-tokens`)"),
+                       ("--max-context", "as `run --max-context`"), ("--beam", "as `run --beam`")):  # fmt: skip
+        p.add_argument(flag, type=int, help=text)
     _client_parsers(sub)
     return parser
 
@@ -175,7 +178,10 @@ def _cmd_warm(args: argparse.Namespace) -> int:
                 report(stage, done, total)
                 bars.show(tracker.snapshot())
 
-            shard = Shard.load(entry, 0, entry.n_layers, threads=settings.threads, progress=progress)
+            cap = settings.capacity  # as the agent loads it, so the agent finds these kernels
+            shard = Shard.load(entry, 0, entry.n_layers, max_sessions=cap.sessions, threads=cap.threads,
+                               max_context=cap.context_for(entry.context_length), beam=cap.beam,
+                               warm_tokens=cap.kv_tokens, progress=progress)  # fmt: skip
     except EngineError as e:
         print(f"p2pinfer: {e}", file=sys.stderr)
         return 1

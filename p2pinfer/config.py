@@ -46,9 +46,13 @@ class Capacity:
 
     sessions: int = 8  # requests one shard serves at once (a KV session each)
     kv_tokens: int = 2048  # KV the election reserves per member on top of weights; the KV size warmed at load
-    max_context: int = 4096  # most tokens one session holds (prompt + answer), within the model's context
+    max_context: int | None = None  # most tokens one session holds (prompt + answer); None: the model's context
     threads: int | None = None  # cores the engine's kernels use (None: every core this process may use)
     beam: int = 0  # tinygrad kernel search while warming (minutes once, cached; +30 % decode measured)
+
+    def context_for(self, model_context: int) -> int:
+        """Most tokens one request of a model with this context may hold here."""
+        return min(model_context, self.max_context or model_context)
 
 
 DEFAULT_CAPACITY = Capacity()
@@ -76,7 +80,7 @@ class Settings:
     threads: int | None = None  # cores the engine's kernels use (default: every core this process may use)
     sessions: int = 8  # see Capacity
     kv_tokens: int = 2048
-    max_context: int = 4096
+    max_context: int | None = None
     beam: int = 0
     warm: bool = True  # load and warm the default model at start when it fits here alone
     preload: bool = True  # as a spare, pre-load a range only one peer holds (serve/spares.py)
@@ -111,7 +115,7 @@ class Settings:
             raise ConfigError("--max-requests must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("--threads must be at least 1")
-        if self.sessions < 1 or self.kv_tokens < 1 or self.max_context < 1 or self.beam < 0:
+        if self.sessions < 1 or self.kv_tokens < 1 or (self.max_context or 1) < 1 or self.beam < 0:
             raise ConfigError("--sessions, --kv-tokens and --max-context must be at least 1, --beam at least 0")
         from p2pinfer.cluster.routing import POLICIES
 

@@ -236,7 +236,8 @@ class OpenAIRoutes:
             except Failure:
                 pass
             else:
-                item.update(context_length=e.context_length, n_layers=e.n_layers, format=e.format, arch=e.arch,
+                item.update(context_length=self.generator.context_limit(e), model_context_length=e.context_length,
+                            n_layers=e.n_layers, format=e.format, arch=e.arch,
                             layer_bytes=e.layer_bytes, embed_bytes=e.embed_bytes, head_bytes=e.head_bytes,
                             embed_reuses_head=e.embed_reuses_head,
                             sampling_defaults=self.generator.defaults_for(e),

@@ -243,6 +243,10 @@ class Generator:
         except UnknownModelError as e:
             raise Failure(FailureKind.UNKNOWN_MODEL, str(e), param="model") from e
 
+    def context_limit(self, entry: ModelEntry) -> int:
+        """Most tokens a request may hold: the model's context within Capacity.max_context (shards size by it)."""
+        return self.entry.capacity.context_for(entry.context_length)
+
     def defaults_for(self, entry: ModelEntry) -> dict:
         return sampling_defaults(entry.path, entry.format)
 
@@ -268,7 +272,7 @@ class Generator:
         prompt = self._tokenize(tokenizer, entry, req.prompt)
         if not prompt:
             raise bad_request("the prompt is empty", "prompt")
-        ctx, name = min(entry.context_length, self.entry.capacity.max_context), entry.name
+        ctx, name = self.context_limit(entry), entry.name
         if len(prompt) >= ctx:
             raise Failure(FailureKind.CONTEXT_EXCEEDED, f"the prompt is {len(prompt)} tokens; {name}'s context is {ctx}",
                           param="messages" if isinstance(req.prompt, ChatPrompt) else "prompt")  # fmt: skip

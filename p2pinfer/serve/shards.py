@@ -80,7 +80,7 @@ class ShardHost:
                 cap, report = self.capacity, self.progress.reporter(key)
                 shard = await self.compute(
                     lambda: Shard.load(entry, start, end, max_sessions=cap.sessions, threads=cap.threads,
-                                       max_context=min(entry.context_length, cap.max_context), beam=cap.beam,
+                                       max_context=cap.context_for(entry.context_length), beam=cap.beam,
                                        warm_tokens=cap.kv_tokens, progress=report)  # fmt: skip
                 )
                 log.info("loaded %s layers [%d, %d) in %.1f s", entry.name, start, end, time.monotonic() - t0)
