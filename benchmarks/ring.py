@@ -118,7 +118,7 @@ def measure(configs: list[dict], repeats: int, tokens: int) -> list[dict]:
         try:
             for c in configs:
                 d = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                env = {"P2PINFER_RING_TRACE": str(d)} if c.get("trace") and c.get("tree") is None else None
+                env = {"P2PINFER_RING_TRACE": str(d)} if c.get("trace") else None
                 agents = start_ring(d, c["peers"], c.get("limit"), c.get("extra", ()), c.get("tree"), env)
                 clusters.append((d, agents))
                 stack.callback(lambda agents=agents: [a.stop() for a in agents])
@@ -135,6 +135,7 @@ def measure(configs: list[dict], repeats: int, tokens: int) -> list[dict]:
                 for c in configs:
                     c["runs"].append(one_request(c["client"], tokens, c["model"]))
             for c, (d, agents) in zip(configs, clusters, strict=True):
+                time.sleep(1)  # members write their part's trace once the entry has closed the request
                 layers = sorted(tuple(r) for a in agents for p in a.get("/v1/cluster")["peers"] if p["self"]
                                 for r in p["layers"])  # fmt: skip
                 parts = [json.loads(line) for f in d.glob("*.jsonl") for line in f.read_text().splitlines()]
@@ -168,6 +169,8 @@ def breakdown(parts: list[dict]) -> dict:
     by_rid: dict[str, dict[int, list[dict]]] = {}
     for p in parts:
         by_rid.setdefault(p["rid"], {})[p["i"]] = _steps(p["events"])
+    sizes = {p["rid"]: p["k"] for p in parts}
+    by_rid = {rid: m for rid, m in by_rid.items() if len(m) == sizes[rid]}  # every member's part written
     stages: dict[str, list[float]] = {}
 
     def add(name: str, seconds: float) -> None:
@@ -189,10 +192,21 @@ def breakdown(parts: list[dict]) -> dict:
                 if {"back", "sent"} <= st.keys():
                     add(f"sample + encode + write{m}" if i == k - 1 else f"encode + write{m}", st["sent"] - st["back"])
                 if "in" in st and k > 1:  # the frame's sender, the member before us, got its forward's result
-                    back = [s["back"] for s in members.get((i - 1) % k, []) if s.get("back", 1e18) <= st["in"]]
-                    if back:
-                        add(f"hop {(i - 1) % k}->{i}: sender's forward back -> frame read", st["in"] - max(back))
-    return {name: statistics.median(v) for name, v in stages.items()}
+                    sender = [s for s in members.get((i - 1) % k, []) if s.get("back", 1e18) <= st["in"]]
+                    if sender:
+                        prev = max(sender, key=lambda s: s["back"])
+                        add(f"hop {(i - 1) % k}->{i}: sender's forward back -> frame read", st["in"] - prev["back"])
+                        if "t0" in st:
+                            add(f"gap {(i - 1) % k}->{i}: sender's forward end -> ours starts", st["t0"] - prev["t1"])
+            if k == 1:
+                for a, b in zip(steps, steps[1:], strict=False):
+                    if "t1" in a and "t0" in b:
+                        add("gap: one forward's end -> the next one's start", b["t0"] - a["t1"])
+    out = {name: statistics.median(v) for name, v in stages.items()}
+    gaps = [us for name, us in out.items() if name.startswith("gap ")]
+    if gaps:  # between two forwards on the token's way round: all a ring adds to a lone peer's token
+        out["gaps summed: a token's way round, compute excluded"] = sum(gaps)
+    return out
 
 
 def synthetic_setup() -> tuple[str, str, tuple[str, ...]]:
@@ -228,9 +242,16 @@ def report(name: str, results: list[dict]) -> None:
         hops = [(1000 / t - 1000 / t1) / r["peers"] for t, t1 in zip(r["round_tps"], base["round_tps"], strict=True)]
         print(f"  {r['peers']} peers{' (baseline)' if r['tree'] else ''}: per round x 1-peer "
               f"{' '.join(f'{x:.3f}' for x in ratios)}, ms/hop {' '.join(f'{x:.3f}' for x in hops)}")
+    lone_gap = (base["trace"] or {}).get("gap: one forward's end -> the next one's start")
+    for r in results[1:]:
+        ring_gaps = (r["trace"] or {}).get("gaps summed: a token's way round, compute excluded")
+        if lone_gap is not None and ring_gaps is not None:
+            print(f"  {r['peers']} peers{' (baseline)' if r['tree'] else ''}: per-hop overhead from the traces "
+                  f"(gaps between forwards, summed, minus the lone peer's gap, / peers): "
+                  f"{(ring_gaps - lone_gap) / r['peers'] / 1000:.3f} ms")  # fmt: skip
     for r in results:
         if r["trace"]:
-            print(f"  {r['peers']} peer(s), median us per step:")
+            print(f"  {r['peers']} peer(s){' (baseline)' if r['tree'] else ''}, median us per step:")
             for stage, us in sorted(r["trace"].items()):
                 print(f"    {stage:<48} {us:>9.1f}")
     sys.stdout.flush()
@@ -254,7 +275,8 @@ def main() -> None:
         for k in peers:
             lim = limit if k > 1 else ("" if limit else None)
             if args.baseline and k > 1:
-                out.append({"peers": k, "model": model, "limit": lim, "extra": extra, "tree": args.baseline})
+                out.append({"peers": k, "model": model, "limit": lim, "extra": extra, "tree": args.baseline,
+                            "trace": args.trace})  # fmt: skip
             out.append({"peers": k, "model": model, "limit": lim, "extra": extra, "trace": args.trace})
         return measure(out, args.repeats, args.tokens)
 

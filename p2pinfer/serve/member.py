@@ -72,7 +72,8 @@ class _Trace:
     def dump(self, req: P.OpenRequest) -> None:
         events = self.parts.pop(req.rid, [])
         with open(self.path, "a") as f:
-            f.write(json.dumps({"rid": req.rid, "i": req.index, "k": len(req.ring), "events": events}) + "\n")
+            f.write(json.dumps({"rid": req.rid, "i": req.index, "k": len(req.ring), "report": req.reporter,
+                                "events": events}) + "\n")
 
 
 TRACE = _Trace(os.environ["P2PINFER_RING_TRACE"]) if os.environ.get("P2PINFER_RING_TRACE") else None
