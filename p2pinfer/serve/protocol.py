@@ -99,7 +99,7 @@ class OpenRequest:
                 index=int(h["i"]), sampling=dict(h["sampling"]), stop_ids=tuple(int(x) for x in h["stop_ids"]),
                 max_new=int(h["max_new"]), ctx=int(h["ctx"]), report=int(h.get("report", -1)),
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ProtocolError(f"malformed open header: {type(e).__name__}: {e}") from e
         unknown = set(req.sampling) - SAMPLING_KEYS
         if unknown:
@@ -130,6 +130,8 @@ def token_fields(header: dict) -> dict:
         if "lp" in header:
             out["lp"] = float(header["lp"])
             out["top"] = [[int(i), float(p)] for i, p in header.get("top") or []]
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"malformed token fields: {type(e).__name__}") from e
+    if not 0 <= out["id"] < 2**31:
+        raise ProtocolError(f"token id {out['id']} out of range")
     return out
