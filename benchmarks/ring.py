@@ -270,21 +270,24 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="per-stage times of a hop (P2PINFER_RING_TRACE)")
     args = ap.parse_args()
 
-    def configs(model: str, peers: list[int], limit=None, extra=()) -> list[dict]:
+    def configs(model: str, peers: list[int], limit=None, extra=()) -> None:
         out = []
         for k in peers:
             lim = limit if k > 1 else ("" if limit else None)
-            if args.baseline and k > 1:
+            if args.baseline:
                 out.append({"peers": k, "model": model, "limit": lim, "extra": extra, "tree": args.baseline,
                             "trace": args.trace})  # fmt: skip
             out.append({"peers": k, "model": model, "limit": lim, "extra": extra, "trace": args.trace})
-        return measure(out, args.repeats, args.tokens)
+        results = measure(out, args.repeats, args.tokens)
+        if args.baseline:  # each tree's rings against its own lone peer, from the same rounds
+            report(f"{model}, baseline {args.baseline}", [r for r in results if r["tree"]])
+        report(model, [r for r in results if not r["tree"]])
 
     if not args.only_synthetic:
-        report(MODEL, configs(MODEL, args.peers))
+        configs(MODEL, args.peers)
     if args.synthetic or args.only_synthetic:
         name, limit, extra = synthetic_setup()
-        report(name, configs(name, [1, 3], limit, extra))
+        configs(name, [1, 3], limit, extra)
 
 
 if __name__ == "__main__":
