@@ -20,6 +20,13 @@ else the last member reports as soon as it samples. The end travels the same way
 reason, and the final token when the answer ended by length; every member passes it on, the reporter
 also tells the entry. Why: the entry's copy of each token was a second frame from the last member,
 sent before the ring's own and so on its critical path, and often to the same peer as the ring's.
+A reporter before the last member hears of a token one or more hops later; tokens per second are the
+same. Members report after passing their own frame on, so the entry's streaming never delays a hop.
+
+Streams live for one request: the entry opens a control stream per member, each member one data
+stream to the next. An open costs ~1.6 ms on loopback (benchmarks/ring.py's notes), a few ms of a
+ring's time to first token and nothing per token; keeping a ring's streams open across requests
+would need an explicit end of request on both links instead of their closing, and is not done.
 """
 
 from __future__ import annotations
