@@ -297,15 +297,11 @@ class Member:
         logits = await self._forward(shard, req.rid, self._check_prompt(prompt))
         for n in range(1, req.max_new + 1):
             tok = sampler.sample(logits)
-            if sampler.is_stop(tok) or n >= req.max_new:
-                await self._emit(control, sampler, tok, n, req.max_new)
+            # (Starting the next forward before the entry hears of the token measured no faster: the
+            # engine's thread needs the GIL to start, and the entry's streaming holds it meanwhile.)
+            if await self._emit(control, sampler, tok, n, req.max_new):
                 return
-            # The next step starts before the entry hears of this token: the entry is usually this
-            # process, and its streaming to the client then runs while the engine's threads compute
-            # (sent first, it ran before the forward: ShardHost.compute's lock is a checkpoint).
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(control.send, {"t": P.TOK, **self._sampled(sampler, tok)})
-                logits = await self._forward(shard, req.rid, np.array([tok], dtype=np.int32))
+            logits = await self._forward(shard, req.rid, np.array([tok], dtype=np.int32))
 
     async def _forward(self, shard: Shard, rid: str, x: np.ndarray, frame: Frame | None = None) -> np.ndarray:
         if TRACE is None:
