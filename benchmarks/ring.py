@@ -203,6 +203,9 @@ def breakdown(parts: list[dict]) -> dict:
                     if "t1" in a and "t0" in b:
                         add("gap: one forward's end -> the next one's start", b["t0"] - a["t1"])
     out = {name: statistics.median(v) for name, v in stages.items()}
+    reporters = {p["report"] for p in parts if p["k"] > 1 and "report" in p}
+    if len(reporters) == 1:  # the member that hosts the entry, when the entry is in the ring
+        out["(the reporting member's index)"] = float(reporters.pop())
     gaps = [us for name, us in out.items() if name.startswith("gap ")]
     if gaps:  # between two forwards on the token's way round: all a ring adds to a lone peer's token
         out["gaps summed: a token's way round, compute excluded"] = sum(gaps)
