@@ -7,6 +7,7 @@ thread-safe, and the trio tasks reading ring streams must never wait behind a fo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class ShardHost:
         self.progress = LoadProgress()  # per range being loaded: gossiped as a fraction, drawn as bars
         self._held: dict[ShardKey, _Held] = {}
         self._loading: dict[ShardKey, trio.Event] = {}
-        self._engine_lock = trio.Lock()
+        self._engine = trio.Semaphore(1)  # one engine call at a time; released by the call's thread
         self._released = trio.Event()  # set (and replaced) whenever a shard's last user releases it
 
     # --- what gossip says about us ---------------------------------------
@@ -61,8 +62,35 @@ class ShardHost:
 
     # --- engine calls ----------------------------------------------------
     async def compute(self, fn: Callable, *args):
-        async with self._engine_lock:
-            return await trio.to_thread.run_sync(fn, *args)
+        """Run fn(*args) in a worker thread, one call at a time. A cancelled caller returns at once (shutdown
+        must not wait seconds for a shard load): the call runs on, and holds the engine until it ends."""
+        await self._engine.acquire()
+        token = trio.lowlevel.current_trio_token()
+        claim = threading.Lock()
+        claimed = False  # by the thread (it runs fn, then releases) or by a cancelled caller (fn never runs)
+
+        def call():
+            nonlocal claimed
+            with claim:
+                if claimed:
+                    return None  # abandoned before it started: the caller released the engine
+                claimed = True
+            try:
+                return fn(*args)
+            finally:
+                try:
+                    token.run_sync_soon(self._engine.release)
+                except trio.RunFinishedError:
+                    pass  # the agent has stopped: nobody waits for the engine any more
+
+        try:
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except BaseException:
+            with claim:
+                if not claimed:
+                    claimed = True
+                    self._engine.release()
+            raise
 
     async def acquire(self, entry: ModelEntry, start: int, end: int) -> Shard:
         """The shard for this range, loading it (and evicting idle ones) if needed; caller must release()."""
