@@ -309,3 +309,21 @@ def test_prepare_refuses_what_cannot_run():
 
     K = FailureKind
     assert run(main) == [K.UNKNOWN_MODEL, K.BAD_REQUEST, K.BAD_REQUEST, K.CONTEXT_EXCEEDED, K.BAD_REQUEST]
+
+
+def test_open_headers_are_typed_both_ways():
+    from p2pinfer.serve import protocol as P
+
+    req = P.OpenRequest(rid="r", model="toy", n_layers=12, ring=[["a", 0, 5], ["b", 5, 12]], i=1,
+                        sampling={"temperature": 0.0, "seed": 7, "recent": [1, 2]}, stop_ids=[0], max_new=4,
+                        ctx=40)  # fmt: skip
+    header = req.to_header()
+    assert header["i"] == 1 and header["report"] == 1 and header["sampling"] == {"temperature": 0.0, "seed": 7,
+                                                                                  "recent": [1, 2]}  # fmt: skip
+    back = P.OpenRequest.from_header(header)
+    assert back.model_dump(exclude={"report"}) == req.model_dump(exclude={"report"}) and back.is_last and back.peer_after() == "a" and back.start == 5
+    for field, bad in [("i", True), ("i", 2), ("ring", [["a", 0, 5], ["b", 6, 12]]), ("ring", [["a", 0, 11]]),
+                       ("sampling", {"temperature": float("inf")}), ("sampling", {"evil": 1}),
+                       ("stop_ids", [2**40]), ("max_new", 0), ("rid", ""), ("report", 5)]:  # fmt: skip
+        with pytest.raises(P.ProtocolError):
+            P.OpenRequest.from_header({**header, field: bad})

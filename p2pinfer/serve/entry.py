@@ -253,8 +253,9 @@ class EntryService:
                     raise MemberFailed(m.peer_id, str(e)) from e
             report = _reporter(ring_t, self.self_id)
             for i, link in enumerate(controls):
-                req = P.OpenRequest(rid, entry.name, entry.n_layers, ring_t, i, sampling, gen.stop_ids,
-                                    max_new, int(prompt.size) + max_new, report)  # fmt: skip
+                req = P.OpenRequest(rid=rid, model=entry.name, n_layers=entry.n_layers, ring=list(ring_t), i=i,
+                                    sampling=sampling, stop_ids=list(gen.stop_ids), max_new=max_new,
+                                    ctx=int(prompt.size) + max_new, report=report)  # fmt: skip
                 await self._send(link, req.to_header())
             with trio.move_on_after(READY_TIMEOUT) as scope, first_error():
                 async with trio.open_nursery() as nursery:

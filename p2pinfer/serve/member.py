@@ -188,7 +188,7 @@ class Member:
             await control.send(_error(F.UNAVAILABLE, "this peer is shutting down"))
             return
         try:
-            params = SamplingParams(**req.sampling, stop_token_ids=req.stop_ids)
+            params = SamplingParams(**req.sampling_fields(), stop_token_ids=tuple(req.stop_ids))
         except (TypeError, ValueError) as e:
             await control.send(_error(F.BAD_REQUEST, f"bad sampling parameters: {e}"))
             return

@@ -31,7 +31,18 @@ requests would need an explicit end of request on both links instead of their cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 OPEN, READY, START, TOK, DONE, ERROR, CANCEL, DATA, HIDDEN = (
     "open", "ready", "start", "tok", "done", "error", "cancel", "data", "h",
@@ -50,18 +61,57 @@ class ProtocolError(Exception):
     """A frame that does not follow the protocol; the link it came on is dropped."""
 
 
-@dataclass(frozen=True)
-class OpenRequest:
-    rid: str
-    model: str
-    n_layers: int
-    ring: tuple[tuple[str, int, int], ...]
-    index: int
-    sampling: dict
-    stop_ids: tuple[int, ...]
-    max_new: int
-    ctx: int
-    report: int = -1  # the member that sends tokens to the entry; -1: the last one
+_INT32 = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
+_COUNT = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+_FINITE = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]
+
+
+class WireSampling(BaseModel):
+    """The sampling fields an open header may carry (engine/sampling.py SamplingParams checks the values)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: _FINITE | None = None
+    top_p: _FINITE | None = None
+    top_k: _COUNT | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**64 - 1)] | None = None
+    min_p: _FINITE | None = None
+    repetition_penalty: _FINITE | None = None
+    frequency_penalty: _FINITE | None = None
+    presence_penalty: _FINITE | None = None
+    logprobs: _COUNT | None = None
+    recent: list[_INT32] = Field(default_factory=list, max_length=4096)
+
+
+class OpenRequest(BaseModel):
+    """The open header: the whole ring, this member's place in it, and the request (typed: pydantic
+    checks every field before a member acts on it; a bad header is a ProtocolError)."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    rid: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    model: Annotated[StrictStr, Field(min_length=1, max_length=256)]
+    n_layers: Annotated[StrictInt, Field(ge=1, le=100_000)]
+    ring: Annotated[list[tuple[StrictStr, _COUNT, _COUNT]], Field(min_length=1, max_length=1024)]
+    index: Annotated[_COUNT, Field(alias="i")]
+    sampling: WireSampling
+    stop_ids: Annotated[list[_INT32], Field(max_length=64)]
+    max_new: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+    ctx: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+    report: Annotated[StrictInt, Field(ge=-1, le=1023)] = -1  # the member that sends tokens to the entry; -1: last
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpenRequest:
+        if self.index >= len(self.ring) or self.report >= len(self.ring):
+            raise ValueError("ring index out of range")
+        expected = 0
+        for _, s, e in self.ring:
+            if s != expected or e <= s:
+                raise ValueError("ring layer ranges are not contiguous")
+            expected = e
+        if expected != self.n_layers:
+            raise ValueError("ring does not cover every layer")
+        return self
 
     @property
     def reporter(self) -> int:
@@ -90,38 +140,27 @@ class OpenRequest:
     def peer_after(self) -> str:
         return self.ring[(self.index + 1) % len(self.ring)][0]
 
+    def sampling_fields(self) -> dict:
+        """The sampling fields that were sent, for SamplingParams."""
+        return self.sampling.model_dump(exclude_unset=True)
+
     def to_header(self) -> dict:
-        return {
-            "t": OPEN, "rid": self.rid, "model": self.model, "n_layers": self.n_layers,
-            "ring": [list(m) for m in self.ring], "i": self.index, "sampling": self.sampling,
-            "stop_ids": list(self.stop_ids), "max_new": self.max_new, "ctx": self.ctx, "report": self.reporter,
-        }  # fmt: skip
+        h = self.model_dump(by_alias=True, mode="python")
+        h["sampling"] = self.sampling_fields()
+        h["ring"] = [list(m) for m in self.ring]
+        h["report"] = self.reporter
+        return {"t": OPEN, **h}
 
     @classmethod
     def from_header(cls, h: dict) -> OpenRequest:
+        if not isinstance(h, dict):
+            raise ProtocolError("malformed open header: not a map")
         try:
-            ring = tuple((str(p), int(s), int(e)) for p, s, e in h["ring"])
-            req = cls(
-                rid=str(h["rid"]), model=str(h["model"]), n_layers=int(h["n_layers"]), ring=ring,
-                index=int(h["i"]), sampling=dict(h["sampling"]), stop_ids=tuple(int(x) for x in h["stop_ids"]),
-                max_new=int(h["max_new"]), ctx=int(h["ctx"]), report=int(h.get("report", -1)),
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise ProtocolError(f"malformed open header: {type(e).__name__}: {e}") from e
-        unknown = set(req.sampling) - SAMPLING_KEYS
-        if unknown:
-            raise ProtocolError(f"unknown sampling fields {sorted(unknown)}")
-        if not 0 <= req.index < len(ring) or not -1 <= req.report < len(ring) or req.max_new < 1 or req.ctx < 1 \
-                or not req.rid:  # fmt: skip
-            raise ProtocolError("open header out of range")
-        expected = 0
-        for _, s, e in ring:
-            if s != expected or e <= s:
-                raise ProtocolError("ring layer ranges are not contiguous")
-            expected = e
-        if expected != req.n_layers:
-            raise ProtocolError("ring does not cover every layer")
-        return req
+            return cls.model_validate({k: v for k, v in h.items() if k != "t"})
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "header"
+            raise ProtocolError(f"malformed open header: {where}: {err['msg']}") from None
 
 
 TOKEN_FIELDS = ("id", "lp", "top")
