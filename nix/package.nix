@@ -23,7 +23,7 @@ python3Packages.buildPythonApplication {
 
   dependencies = (with python3Packages; [
     trio msgpack numpy tinygrad zeroconf cryptography hypercorn starlette gguf tokenizers jinja2
-    safetensors multiaddr
+    safetensors multiaddr rich prometheus-client pydantic
   ]) ++ [ deps.libp2p ];
 
   # pyproject pins tinygrad and libp2p exactly; nixpkgs' tinygrad (which also patches in the path
