@@ -90,7 +90,26 @@ def use_kernel_cache(data_dir) -> str:
         from pathlib import Path
 
         helpers.CACHEDB = str(Path(data_dir).expanduser().resolve() / "kernels.db")
+    _open_kernel_db(helpers)
     from . import runner
 
     runner.CACHE_DIR = os.path.dirname(helpers.CACHEDB)  # the native runner library lives beside them
     return helpers.CACHEDB
+
+
+def _open_kernel_db(helpers) -> None:
+    """tinygrad's kernel cache connection, usable from any thread: engine calls are serialised by
+    ShardHost, but a call abandoned by its cancelled caller finishes on its own worker thread while the
+    next call runs on another (sqlite refuses a connection from a thread other than its creator's).
+    The pragmas are tinygrad's own (helpers.db_connection)."""
+    import contextlib
+    import sqlite3
+
+    if helpers._db_connection is not None or not helpers.CACHEDB:
+        return
+    os.makedirs(os.path.dirname(helpers.CACHEDB) or ".", exist_ok=True)
+    conn = sqlite3.connect(helpers.CACHEDB, timeout=60, isolation_level="IMMEDIATE", check_same_thread=False)
+    with contextlib.suppress(sqlite3.OperationalError):
+        conn.execute("PRAGMA journal_mode=WAL").fetchone()
+    conn.execute("PRAGMA synchronous=NORMAL")
+    helpers._db_connection = conn
