@@ -34,18 +34,21 @@ from p2pinfer.net.addrs import (
     parse_multiaddr,
     parse_peer_addr,
 )
+from p2pinfer.net.blobs import Blobs
 from p2pinfer.net.gossip import Gossip
 from p2pinfer.net.host import build_host
 from p2pinfer.net.keeper import Keeper
 from p2pinfer.net.mdns import MdnsDiscovery
 from p2pinfer.net.streams import TRAFFIC, Streams
 from p2pinfer.serve.entry import EntryService
+from p2pinfer.serve.fetch import WeightService
 from p2pinfer.serve.generate import Generator
 from p2pinfer.serve.links import Linker
 from p2pinfer.serve.member import Member
 from p2pinfer.serve.metrics import Metrics
 from p2pinfer.serve.shards import ShardHost
 from p2pinfer.serve.spares import SparePreloader
+from p2pinfer.weights.store import WeightStore
 
 log = logging.getLogger("p2pinfer.agent")
 
@@ -164,6 +167,7 @@ class Agent:
         self.host = build_host(self.identity.key_pair, self.secret, self.listen)
         self.keeper = Keeper(self.host)  # dials, pings, closes and forgets connections
         self.streams = Streams(self.keeper)
+        self.blobs = Blobs(self.host)  # bulk bytes on request (the weights protocol, serve/fetch.py)
         self.membership = Membership(self.identity, self.secret, Gossip(self.host, TOPIC), self.keeper,
                                      self.describe, s.peer_ttl)  # fmt: skip
 
@@ -172,19 +176,26 @@ class Agent:
         from p2pinfer.engine import ModelCatalog, configure
 
         configure(kernel_cache_dir=s.data_dir)  # compiled kernels persist across restarts (see `p2pinfer warm`)
-        self.catalog = ModelCatalog(s.models_dirs)
+        self.catalog = ModelCatalog(s.models_dirs) if s.local_models else ModelCatalog((), include_embedded=False)
         if s.model not in {e.name for e in self.catalog.list()}:
             log.warning("default model %s is not available here; known: %s", s.model,
                         ", ".join(e.name for e in self.catalog.list()) or "none")  # fmt: skip
-        self.shards = ShardHost(s.memory_limit, self.membership.poke, s.capacity)
+        # weights travel peer to peer: we upload the chunks of the models we hold, and fetch those of a
+        # range we are given without the file, before the shard loads (serve/fetch.py)
+        self.weights = WeightService(self.blobs, self.peer_id, self.catalog, WeightStore(s.data_dir, s.cache_limit),
+                                     self.membership.view.records, s.upload_limit, self.membership.poke,
+                                     can_fetch=s.compute)  # fmt: skip
+        self.shards = ShardHost(s.memory_limit, self.membership.poke, s.capacity, prepare=self.weights.prepare)
         self.linker = Linker(self.streams, self.peer_id)
-        self.member = Member(self.catalog, self.shards, self.linker, self.membership.poke, can_compute=s.compute)
+        self.member = Member(self.catalog, self.shards, self.linker, self.membership.poke, can_compute=s.compute,
+                             resolve_model=self.weights.ensure_entry)  # fmt: skip
         self.linker.serve(self.member.handle)
         self.entry = EntryService(self.peer_id, self.linker, self.membership.view.records, s.max_requests,
                                   s.capacity)  # fmt: skip
         self.metrics = Metrics()
         self.metrics.watch(lambda: len(self.membership.view.records()), lambda: dict(TRAFFIC))
-        self.generator = Generator(self.catalog, self.entry, self.metrics, s.model, s.routing)
+        self.generator = Generator(self.catalog, self.entry, self.metrics, s.model, s.routing,
+                                   resolve_model=self.weights.ensure_entry)  # fmt: skip
         self.openai = OpenAIRoutes(self.generator, self.served_models)
 
     async def _warm_default_model(self) -> None:
@@ -234,6 +245,8 @@ class Agent:
             "models": tuple(e.name for e in self.catalog.list()),
             "layers": self.shards.layers(),
             "loading": self.shards.loading(),
+            "fetching": self.shards.fetching(),
+            **self.weights.record_fields(),
             "active_requests": self.member.active_requests,
             "draining": self._stopping,
         }
@@ -347,6 +360,7 @@ class Agent:
                         lambda p, a: nursery.start_soon(self._on_mdns_peer, p, a),
                     )
                     nursery.start_soon(mdns.run)
+                nursery.start_soon(self.weights.run)
                 nursery.start_soon(self.generator.warm, self.settings.model)
                 nursery.start_soon(self._warm_default_model)
                 nursery.start_soon(progress.watch, self.shards.progress)  # bars on a terminal only

@@ -43,6 +43,13 @@ def _run_parser(sub) -> None:
         action="store_false",
         help="gateway only: serve the API, hold no layers",
     )
+    p.add_argument("--no-local-models", dest="local_models", action="store_false",
+                   help="ignore model files here (the embedded one, --models-dir): serve only weights fetched "
+                        "from peers")  # fmt: skip
+    p.add_argument("--cache-limit", help="cap on the weights fetched from peers kept in the data dir, e.g. 2G "
+                                         "(least recently used models go first; default: no cap)")  # fmt: skip
+    p.add_argument("--upload-limit", help="cap on the bytes per second this peer sends to peers fetching weights, "
+                                          "e.g. 20M (default: no cap)")  # fmt: skip
     p.add_argument(
         "--models-dir",
         dest="models_dirs",

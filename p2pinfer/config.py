@@ -73,6 +73,9 @@ class Settings:
     memory_limit: int | None = None
     compute: bool = True
     models_dirs: list[Path] = field(default_factory=list)
+    local_models: bool = True  # False: ignore model files here, serve only weights fetched from peers
+    cache_limit: int | None = None  # bytes of fetched weights kept in the data dir (LRU by model)
+    upload_limit: int | None = None  # bytes per second sent to peers fetching weights
     model: str = DEFAULT_MODEL
     routing: str = "memory"  # default routing policy of a request (cluster/routing.py)
     max_requests: int = 8
@@ -132,7 +135,7 @@ def _coerce(name: str, value):
         return Path(value).expanduser() if value not in (None, "") else None
     if name == "models_dirs":
         return [Path(v).expanduser() for v in value]
-    if name == "memory_limit":
+    if name in ("memory_limit", "cache_limit", "upload_limit"):
         return parse_size(value) if value not in (None, "") else None
     if name == "http_port":
         return int(value)
@@ -140,7 +143,7 @@ def _coerce(name: str, value):
         return float(value)
     if name in ("max_requests", "threads", "sessions", "kv_tokens", "max_context", "beam"):
         return int(value) if value not in (None, "") else None
-    if name in ("mdns", "compute", "warm", "preload") and isinstance(value, str):
+    if name in ("mdns", "compute", "warm", "preload", "local_models") and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return value
 

@@ -2,7 +2,8 @@
 page and `p2pinfer status` show it) and, when stderr is a terminal, rich progress bars on it.
 
 The engine reports through `Shard.load(..., progress=...)` from its worker thread: stage "load" counts
-bytes of weights read, stage "warm" counts captured step templates (each one's kernels generated and
+bytes of weights read (before it, stage "fetch" counts bytes fetched from peers, serve/fetch.py, for a
+range this peer has no file of), stage "warm" counts captured step templates (each one's kernels generated and
 compiled, or found in the kernel cache). `LoadProgress` keeps the latest report per shard
 (model, start, end); readers on the event loop take snapshots.
 
@@ -29,6 +30,7 @@ from typing import TextIO
 ShardKey = tuple[str, int, int]  # (model, start, end)
 Stages = dict[str, tuple[int, int]]  # stage -> (done, total)
 LOAD_SHARE = 0.5  # of a load's fraction: reading weights is the first half, warming kernels the second
+FETCH_SHARE = 0.5  # when a range's weights come from peers first (serve/fetch.py), fetching is half of it
 FRACTION_STEP = 0.1  # the gossiped fraction moves in tenths: each change publishes a full record
 
 
@@ -75,6 +77,8 @@ def overall(stages: Stages, step: float = 0.0) -> float:
         return min(1.0, done / total) if total > 0 else (1.0 if stage in stages else 0.0)
 
     f = LOAD_SHARE * part("load") + (1 - LOAD_SHARE) * part("warm")
+    if "fetch" in stages:
+        f = FETCH_SHARE * part("fetch") + (1 - FETCH_SHARE) * f
     if step > 0:
         f = math.floor(f / step + 1e-9) * step
     return round(min(1.0, max(0.0, f)), 6)
@@ -180,14 +184,16 @@ class Bars:
         p = self._progress
         for key, stages in sorted(snapshot.items()):
             model, start, end = key
-            for stage, label in (("load", "weights"), ("warm", "kernels")):
+            for stage, label in (("fetch", "fetch"), ("load", "weights"), ("warm", "kernels")):
+                if stage == "fetch" and stage not in stages:
+                    continue  # only a range whose weights come from peers has this stage
                 done, total = stages.get(stage, (0, 0))
                 task = self._tasks.get((key, stage))
                 if task is None:
                     task = self._tasks[key, stage] = p.add_task(
                         f"{model} [{start}, {end}) {label:<7}", total=None, amount=""
                     )
-                if stage == "load":
+                if stage in ("fetch", "load"):
                     amount = f"{done / 2**20:.0f}/{total / 2**20:.0f} MiB" if total else ""
                 else:
                     amount = f"{done}/{total} steps" if total else "waiting for weights"

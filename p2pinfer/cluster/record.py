@@ -59,6 +59,11 @@ class PeerRecord:
     models: tuple[str, ...] = ()  # models present locally
     layers: tuple[tuple[str, int, int], ...] = ()  # (model, start, end) loaded now
     loading: tuple[tuple[str, int, int, float], ...] = ()  # (model, start, end, progress 0..1)
+    # (model, start, end, bytes done, bytes total) of a range whose weights are being fetched from peers
+    fetching: tuple[tuple[str, int, int, int, int], ...] = ()
+    # models whose chunks this peer uploads: (name, file sha256, manifest root, size, part ranges [[a, b)...])
+    weights: tuple[tuple[str, str, str, int, tuple[tuple[int, int], ...]], ...] = ()
+    fetches: bool = False  # fetches the weights of a range it is given (serve/fetch.py): a candidate without the file
     active_requests: int = 0
     leave: bool = False
     draining: bool = False  # finishing its requests before leaving: elect no new ring with it
@@ -66,8 +71,9 @@ class PeerRecord:
 
     def to_wire(self) -> dict:
         d = asdict(self)
-        for k in ("addrs", "models", "layers", "loading"):
+        for k in ("addrs", "models", "layers", "loading", "fetching"):
             d[k] = [list(x) if isinstance(x, tuple) else x for x in d[k]]
+        d["weights"] = [[n, h, r, size, [list(p) for p in parts]] for n, h, r, size, parts in self.weights]
         return d
 
     @classmethod
@@ -81,6 +87,14 @@ class PeerRecord:
             kw["models"] = tuple(str(m) for m in kw.get("models", ()))
             kw["layers"] = tuple((str(m), int(a), int(b)) for m, a, b in kw.get("layers", ()))
             kw["loading"] = tuple((str(m), int(a), int(b), float(p)) for m, a, b, p in kw.get("loading", ()))
+            kw["fetching"] = tuple(
+                (str(m), int(a), int(b), int(d), int(t)) for m, a, b, d, t in kw.get("fetching", ())
+            )
+            kw["weights"] = tuple(
+                (str(n), str(h), str(r), int(size), tuple((int(a), int(b)) for a, b in parts))
+                for n, h, r, size, parts in kw.get("weights", ())
+            )
+            kw["fetches"] = bool(kw.get("fetches", False))
             rec = cls(**kw)
         except (TypeError, ValueError) as e:
             raise RecordError(f"record has a malformed field: {e}") from e

@@ -21,7 +21,8 @@ Rules, in order:
 3. Warm reuse: if the ranges of this model that candidates hold now chain into a valid k-member ring,
    return that ring unchanged (several: the best by preference key, in ring order).
 4. Otherwise members are picked in preference order -- holds some layer of this model (warm), then
-   lower load, then higher compute, then peer id -- keeping a peer whenever a valid k-ring containing
+   has the model's file (a peer that must fetch its range from peers first comes after), then lower
+   load, then higher compute, then peer id -- keeping a peer whenever a valid k-ring containing
    it and the peers kept so far still exists: the lexicographically best valid set.
 5. Order: warm members by the first layer they hold, then the rest by descending memory, then peer id
    (so a ring is stable across requests). If that puts the embedding or the head on a peer that cannot
@@ -47,6 +48,7 @@ class Candidate:
     load: int  # active requests
     compute: float  # measured score, higher = faster
     held: tuple[tuple[str, int, int], ...] = ()  # (model, start, end) ranges loaded now (warm shards)
+    fetch: bool = False  # has no file of the model: its range's weights come from peers first (slowest start)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ def _most_preferred(pool: list[Candidate], idx: list[int], warm_ids: set[str]) -
     """min(idx, key=preference) in a few cheap passes: warm, then least load, most compute, smallest id."""
     if warm_ids:
         idx = [i for i in idx if pool[i].peer_id in warm_ids] or idx
+    idx = [i for i in idx if not pool[i].fetch] or idx
     low = min(pool[i].load for i in idx)
     idx = [i for i in idx if pool[i].load == low]
     high = max(pool[i].compute for i in idx)
@@ -166,7 +169,7 @@ def _most_preferred(pool: list[Candidate], idx: list[int], warm_ids: set[str]) -
 
 def _preference(c: Candidate, model: ModelNeeds) -> tuple:
     warm = any(name == model.name for name, _s, _e in c.held)
-    return (not warm, c.load, -c.compute, c.peer_id)
+    return (not warm, c.fetch and not warm, c.load, -c.compute, c.peer_id)
 
 
 def _cap(c: Candidate, model: ModelNeeds, first: bool, last: bool) -> int:
@@ -209,11 +212,13 @@ class _Fit:
         k = self._keys.get(i)
         if k is None:
             c = self.pool[i]
-            k = self._keys[i] = (c.peer_id not in self.warm_ids, c.load, -c.compute, c.peer_id)
+            cold = c.peer_id not in self.warm_ids
+            k = self._keys[i] = (cold, c.fetch and cold, c.load, -c.compute, c.peer_id)
         return k
 
     def key_of(self, c: Candidate) -> tuple:
-        return (c.peer_id not in self.warm_ids, c.load, -c.compute, c.peer_id)
+        cold = c.peer_id not in self.warm_ids
+        return (cold, c.fetch and cold, c.load, -c.compute, c.peer_id)
 
     def threshold(self, chosen: list[int], k: int) -> int:
         """A peer with fewer middle-seat layers than this cannot complete a ring with `chosen`:

@@ -154,6 +154,14 @@ class ModelCatalog:
         for f in sorted(root.rglob("*.gguf")):
             self._add(f, f.stem.lower())
 
+    def add_remote(self, entry: ModelEntry) -> None:
+        """An entry for a model this peer has no file of: its path is a sparse copy being filled from
+        peers (serve/fetch.py); the loaders read it like any other file."""
+        self._entries.setdefault(entry.name, entry)
+
+    def remove(self, name: str) -> None:
+        self._entries.pop(name, None)
+
     def list(self) -> list[ModelEntry]:
         return list(self._entries.values())
 

@@ -37,6 +37,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # ggml order: innermost dimension first
     tensor_type: GGMLQuantizationType
     data: np.ndarray  # zero-copy view: float types typed (rows, cols), block types uint8 (rows, bytes per row)
+    offset: int = 0  # where its bytes start in the file (p2pinfer/weights chunks the file by tensor)
 
     @property
     def n_elements(self) -> int:
@@ -104,6 +105,7 @@ class GGUFFile:
             infos.append((name, tuple(int(d) for d in dims), GGMLQuantizationType(kind), offset))
         align = int(fields.get("general.alignment", 32))
         start = (pos + align - 1) // align * align
+        self.data_offset = start  # the header (metadata + tensor infos) ends before this
         tensors = {}
         for name, dims, qtype, offset in infos:
             block, block_bytes = GGML_QUANT_SIZES[qtype]
@@ -117,7 +119,7 @@ class GGUFFile:
                 data = raw.view(_FLOAT_NUMPY[qtype]).reshape(tuple(reversed(dims)))
             else:
                 data = raw.reshape(rows, row_bytes)
-            tensors[name] = TensorInfo(name, dims, qtype, data)
+            tensors[name] = TensorInfo(name, dims, qtype, data, lo)
         return fields, tensors
 
     def _string(self, pos: int) -> tuple[str, int]:

@@ -81,14 +81,20 @@ def model_needs(entry: ModelEntry, kv_tokens: int) -> ModelNeeds:
 
 
 def candidates_for(records: list[PeerRecord], entry: ModelEntry) -> list[Candidate]:
-    """Peers that compute and have the model's file; layers they hold warm count as free for it."""
+    """Peers that compute and have the model's file, or can fetch its weights from a peer that gossips
+    them (marked `fetch`: elected after those with the file); layers held warm count as free for it."""
     out = []
+    fetchable = any(w[0] == entry.name for r in records for w in r.weights)
     for r in records:
-        if not r.can_compute or entry.name not in r.models or r.leave or r.draining:
+        if not r.can_compute or r.leave or r.draining:
+            continue
+        has_file = entry.name in r.models
+        if not has_file and not (fetchable and r.fetches):
             continue
         warm = tuple(x for x in r.layers if x[0] == entry.name)
         warm_bytes = sum(entry.shard_bytes(s, e) for _, s, e in warm if 0 <= s < e <= entry.n_layers)
-        out.append(Candidate(r.peer_id, r.memory_free + warm_bytes, r.active_requests, r.compute, warm))
+        fetch = not has_file and not any(w[0] == entry.name for w in r.weights)
+        out.append(Candidate(r.peer_id, r.memory_free + warm_bytes, r.active_requests, r.compute, warm, fetch))
     return out
 
 

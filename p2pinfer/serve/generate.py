@@ -227,15 +227,32 @@ class RequestBook:
 
 
 # --- the generator -----------------------------------------------------------
+async def _no_resolve(name: str) -> None:
+    """Without serve/fetch.py a model is known only from a local file."""
+
+
 class Generator:
     def __init__(self, catalog: ModelCatalog, entry: EntryService, metrics: Metrics, default_model: str,
-                 default_routing: str = "memory") -> None:  # fmt: skip
+                 default_routing: str = "memory", resolve_model=None) -> None:  # fmt: skip
         self.catalog, self.entry = catalog, entry
         self.default_model, self.default_routing = default_model, default_routing
         self.book = RequestBook(metrics)
         entry.on_ring = self.book.on_ring
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenizer_lock = trio.Lock()
+        # serve/fetch.py: a model known only from peers gets a catalog entry (its header fetched)
+        self.resolve_model = resolve_model or _no_resolve
+
+    async def resolved_model(self, name: str | None) -> ModelEntry:
+        """model(), after giving a model this peer has no file of the chance to be fetched (its header:
+        metadata, tokenizer, layout) from the peers that gossip it."""
+        try:
+            await self.resolve_model(name or self.default_model)
+        except UnknownModelError:
+            pass
+        except EngineError as e:
+            raise Failure(FailureKind.UNAVAILABLE, f"cannot get {name} from peers: {e}", retry_after=5) from e
+        return self.model(name)
 
     def model(self, name: str | None) -> ModelEntry:
         try:
@@ -262,12 +279,12 @@ class Generator:
 
     async def warm(self, model: str) -> None:
         try:
-            await self.tokenizer(self.model(model))
+            await self.tokenizer(await self.resolved_model(model))
         except Failure:
             pass  # reported when a request asks for it
 
     async def prepare(self, req: TextRequest) -> Prepared:
-        entry = self.model(req.model)
+        entry = await self.resolved_model(req.model)
         tokenizer = await self.tokenizer(entry)
         prompt = self._tokenize(tokenizer, entry, req.prompt)
         if not prompt:

@@ -86,6 +86,10 @@ def _error(kind: F, msg: str, **extra) -> dict:
     return {"t": P.ERROR, "kind": kind.value, "msg": msg, **extra}
 
 
+async def _no_resolve(name: str) -> None:
+    """Without serve/fetch.py a model is known only from a local file."""
+
+
 class NeighbourLost(Exception):
     """The member before or after us in the ring is gone: the entry must route around *it*, not us."""
 
@@ -126,7 +130,7 @@ class _Active:
 
 class Member:
     def __init__(self, catalog: ModelCatalog, shards: ShardHost, linker: Linker, on_change=lambda: None,
-                 can_compute: bool = True) -> None:  # fmt: skip
+                 can_compute: bool = True, resolve_model=None) -> None:  # fmt: skip
         self.catalog = catalog
         self.can_compute = can_compute
         self.draining = False  # set on SIGTERM: parts in flight finish, no new ones start
@@ -135,6 +139,8 @@ class Member:
         self.on_change = on_change
         self._active: dict[str, _Active] = {}
         self._registered: dict[str, trio.Event] = {}
+        # serve/fetch.py: a catalog entry for a model known only from peers (its header fetched)
+        self.resolve_model = resolve_model or _no_resolve
 
     @property
     def active_requests(self) -> int:
@@ -196,9 +202,15 @@ class Member:
             await control.send(_error(F.CONFLICT, "duplicate request id"))
             return
         try:
+            await self.resolve_model(req.model)
             entry = self.catalog.get(req.model)
         except UnknownModelError as e:
-            await control.send(_error(F.UNKNOWN_MODEL, str(e)))
+            # a peer that fetches weights may just not have heard of the model's holders yet: not fatal
+            await control.send(_error(F.UNAVAILABLE if self.resolve_model is not _no_resolve else F.UNKNOWN_MODEL,
+                                      str(e)))  # fmt: skip
+            return
+        except EngineError as e:  # its header could not be fetched from peers: another ring may do
+            await control.send(_error(F.UNAVAILABLE, f"cannot get {req.model}: {e}"))
             return
         if entry.n_layers != req.n_layers:
             await control.send(_error(F.CONFLICT, f"{req.model} has {entry.n_layers} layers here"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -31,10 +31,16 @@ class _Held:
     last_used: float = field(default_factory=time.monotonic)
 
 
+# serve/fetch.py's WeightService.prepare: make a range's weights readable here (fetched from peers) before
+# it loads, reporting bytes (done, total)
+Prepare = Callable[[ModelEntry, int, int, Callable[[int, int], None]], Awaitable[None]]
+
+
 class ShardHost:
     def __init__(self, memory_limit: int | None, on_change: Callable[[], None],
-                 capacity: Capacity = DEFAULT_CAPACITY) -> None:  # fmt: skip
+                 capacity: Capacity = DEFAULT_CAPACITY, prepare: Prepare | None = None) -> None:  # fmt: skip
         self.memory_limit, self.capacity = memory_limit, capacity
+        self.prepare = prepare
         self.on_change = on_change
         self.progress = LoadProgress()  # per range being loaded: gossiped as a fraction, drawn as bars
         self._held: dict[ShardKey, _Held] = {}
@@ -48,6 +54,16 @@ class ShardHost:
 
     def loading(self) -> tuple[tuple[str, int, int, float], ...]:
         return tuple((m, s, e, self.progress.fraction((m, s, e))) for (m, s, e) in sorted(self._loading))
+
+    def fetching(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """(model, start, end, bytes done, bytes total) of ranges whose weights are being fetched from peers;
+        done moves in tenths of total, as the loading fraction does (each change publishes a full record)."""
+        out = []
+        for key, stages in sorted(self.progress.snapshot().items()):
+            done, total = stages.get("fetch", (0, 0))
+            if total and done < total:
+                out.append((*key, int(done * 10 // total) * total // 10, total))
+        return tuple(out)
 
     def offer(self, available: int) -> int:
         """Bytes of new layers this peer can take: what the device has free, within --memory-limit."""
@@ -102,10 +118,13 @@ class ShardHost:
             done = self._loading[key] = trio.Event()
             self.on_change()
             try:
+                report = self.progress.reporter(key)
+                if self.prepare is not None:
+                    await self.prepare(entry, start, end, lambda d, t: report("fetch", d, t))
                 await self._make_room(entry.shard_bytes(start, end))
                 log.info("loading %s layers [%d, %d)", entry.name, start, end)
                 t0 = time.monotonic()
-                cap, report = self.capacity, self.progress.reporter(key)
+                cap = self.capacity
                 shard = await self.compute(
                     lambda: Shard.load(entry, start, end, max_sessions=cap.sessions, threads=cap.threads,
                                        max_context=cap.context_for(entry.context_length), beam=cap.beam,
