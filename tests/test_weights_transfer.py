@@ -135,7 +135,9 @@ def test_transfer_killed_halfway_resumes(cluster, embedded, reference):
     cluster["c"] = c
     c.wait_ready()
     wait_for(lambda: c.peer_id in a.view() and b_id not in a.view(), 30, what="a to see c and not b")
-    wait_for(lambda: any(p["weights"] for p in c.get("/v1/cluster")["peers"]), 30, what="a's weights in c's view")
+    wait_for(
+        lambda: any(p["weights"] for p in c.get("/v1/cluster")["peers"]), 30, what="a's weights in c's view"
+    )
     failed: list[BaseException] = []
 
     def request() -> None:
