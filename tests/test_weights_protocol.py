@@ -1,0 +1,131 @@
+"""The weights protocol against bad input: manifests that lie are refused before use, and an agent
+answers a peer's malformed transfer requests with errors and keeps serving (a real agent, a real
+admitted libp2p peer on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import multiaddr
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+
+from p2pinfer.identity import Identity
+from p2pinfer.net import blobs
+from p2pinfer.net.addrs import parse_peer_addr
+from p2pinfer.net.host import build_host
+from p2pinfer.serve.fetch import PROTOCOL
+from p2pinfer.weights.manifest import CHUNK, META, Chunk, Manifest, ManifestError, decode, parts_for, root_of
+from tests.harness import new_secret, wait_for
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    from p2pinfer.engine.catalog import embedded_model_path
+    from p2pinfer.weights.manifest import build
+
+    return build(embedded_model_path())
+
+
+def test_manifest_round_trip_and_parts(manifest):
+    raw = manifest.encode()
+    assert decode(raw, root_of(raw)) == manifest
+    # a range's chunks are its tensors plus the header, each chunk inside one tensor
+    first = set(manifest.chunks_of(parts_for(manifest.n_layers, manifest.tied, 0, 10)))
+    last = set(manifest.chunks_of(parts_for(manifest.n_layers, manifest.tied, 10, manifest.n_layers)))
+    header = set(manifest.chunks_of({META}))
+    assert first & last >= header and all(manifest.chunks[i].length <= CHUNK for i in first | last)
+    assert first | last == set(range(len(manifest.chunks)))  # together, every chunk of the file
+
+
+def test_manifests_that_lie_are_refused(manifest):
+    raw = manifest.encode()
+    with pytest.raises(ManifestError, match="root"):
+        decode(raw, "0" * 64)  # not the root gossiped
+    c0 = manifest.chunks[0]
+
+    def forged(chunks) -> bytes:
+        return Manifest(
+            manifest.size, manifest.sha256, manifest.n_layers, manifest.tied, tuple(chunks)
+        ).encode()
+
+    bad = {
+        "past the end": [c0, Chunk(manifest.size - 10, 100, 0, b"\0" * 32)],
+        "overlapping": [c0, Chunk(c0.offset + 1, 10, 0, b"\0" * 32)],
+        "oversized": [c0, Chunk(c0.length, CHUNK + 1, 0, b"\0" * 32)],
+        "no header": [Chunk(0, 10, 0, b"\0" * 32)],
+        "bad part": [c0, Chunk(c0.length, 10, manifest.n_layers, b"\0" * 32)],
+    }
+    for what, chunks in bad.items():
+        r = forged(chunks)
+        with pytest.raises(ManifestError):
+            decode(r, root_of(r))
+        assert what
+    with pytest.raises(ManifestError, match="undecodable"):
+        decode(b"\x93garbage", root_of(b"\x93garbage"))
+
+
+async def _answer(stream) -> bytes:
+    """What the agent sends back before it closes the stream (b"": nothing)."""
+    with trio.move_on_after(5):
+        try:
+            return await stream.read(100)
+        except StreamEOF:
+            return b""
+    return b"timed out"
+
+
+async def _hostile(addr: str, secret: bytes, root: str, chunk: Chunk) -> dict:
+    me = Identity(b"\x43" * 32)
+    host = build_host(me.key_pair, secret, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
+    out: dict = {}
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = parse_peer_addr(addr)
+        await host.connect(info)
+        peer = info.peer_id.to_base58()
+        async with blobs.BlobClient(host, peer, PROTOCOL) as c:
+            for name, req in {
+                "unknown root": {"root": "f" * 64, "i": 0},
+                "index past the layout": {"root": root, "i": 10**9},
+                "negative index": {"root": root, "i": -1},
+                "index not an int": {"root": root, "i": "../../etc/passwd"},
+                "no root": {"path": "/etc/passwd"},
+            }.items():
+                try:
+                    await c.request(req, CHUNK)
+                    out[name] = "answered"
+                except blobs.BlobError as e:
+                    out[name] = str(e)
+            _, body = await c.request({"root": root, "i": 0}, CHUNK)  # the same stream still serves
+            out["good"] = hashlib.sha256(body).digest() == chunk.sha256
+        # a stream that lies about its request's length is dropped, not read
+        stream = await host.new_stream(info.peer_id, [TProtocol(PROTOCOL)])
+        await stream.write(struct.pack(">I", 1 << 30) + b"\x00" * 64)
+        out["huge"] = await _answer(stream)
+        stream = await host.new_stream(info.peer_id, [TProtocol(PROTOCOL)])
+        await stream.write(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+        out["garbage"] = await _answer(stream)
+    return out
+
+
+def test_malformed_transfer_requests_get_errors_and_the_agent_keeps_serving(agents, manifest):
+    secret = new_secret()
+    a = agents("a", "--no-warm", secret_hex=secret)
+    a.wait_ready()
+    raw = manifest.encode()
+    root = root_of(raw)
+    wait_for(lambda: a.get("/v1/cluster")["peers"][0]["weights"], 30, what="a to offer its model")
+    out = trio.run(_hostile, a.addr, bytes.fromhex(secret), root, manifest.chunks[0])
+    assert "no such model here" in out["unknown root"]
+    assert "outside the model's layout" in out["index past the layout"]
+    assert "outside the model's layout" in out["negative index"]
+    assert "outside the model's layout" in out["index not an int"]
+    assert "no such model here" in out["no root"]
+    assert out["good"] is True
+    assert not out.get("huge") and not out.get("garbage")  # closed without an answer
+    wait_for(lambda: "exceeds 4096" in a.log(), 5, what="a log line for the oversized request")
+    assert "undecodable message" in a.log()
+    assert a.get("/health")["status"] == "ok"
