@@ -55,7 +55,7 @@ from p2pinfer.weights.store import CachedModel, WeightStore
 log = logging.getLogger("p2pinfer.fetch")
 
 PROTOCOL = "/p2pinfer/weights/1.0.0"
-STREAMS_PER_PEER = 2
+STREAMS_PER_PEER = 4
 AVOID_SECONDS = 600.0
 CHUNK_TIMEOUT = 60.0  # a peer that sends no chunk for this long is dropped, its chunks go to the others
 
