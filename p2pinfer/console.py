@@ -116,6 +116,11 @@ def _percent(rest: list) -> str:
     return f"{100 * float(rest[0]):.0f}%" if rest else ""
 
 
+def _fetched(progress: tuple[int, int] | None) -> str:
+    """' fetched 12/65 MB' while a range's weights come from peers (serve/fetch.py)."""
+    return f" fetched {progress[0] / 1e6:.0f}/{progress[1] / 1e6:.0f} MB" if progress else ""
+
+
 def peers_table(cluster: dict) -> Table:
     t = Table(title=f"peers seen by {cluster['self'][-6:]}", title_justify="left", expand=False)
     for col in ("peer", "", "memory offered", "layers", "active", "compute", "seen"):
@@ -130,7 +135,9 @@ def peers_table(cluster: dict) -> Table:
         if not p.get("can_compute"):
             flags.append("[yellow]gateway[/]")
         layers = ", ".join(f"{m} [{s}, {e})" for m, s, e in p.get("layers", [])) or "-"
-        loading = [f"{m} [{s}, {e}) {_percent(rest)}" for m, s, e, *rest in p.get("loading", [])]
+        fetching = {(m, s, e): (d, n) for m, s, e, d, n in p.get("fetching", [])}
+        loading = [f"{m} [{s}, {e}) {_percent(rest)}" + _fetched(fetching.get((m, s, e)))
+                   for m, s, e, *rest in p.get("loading", [])]  # fmt: skip
         if loading:
             layers = (
                 ("" if layers == "-" else layers + "\n") + "[yellow]loading " + ", ".join(loading) + "[/]"

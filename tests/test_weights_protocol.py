@@ -129,3 +129,17 @@ def test_malformed_transfer_requests_get_errors_and_the_agent_keeps_serving(agen
     wait_for(lambda: "exceeds 4096" in a.log(), 5, what="a log line for the oversized request")
     assert "undecodable message" in a.log()
     assert a.get("/health")["status"] == "ok"
+
+
+def test_status_table_shows_fetch_progress():
+    from rich.console import Console
+
+    from p2pinfer.console import peers_table
+
+    peer = {"peer_id": "12D3KooWabcdef", "self": True, "connected": False, "can_compute": True,
+            "memory_free": 1 << 30, "memory_total": 2 << 30, "layers": [],
+            "loading": [["smollm2-135m", 15, 30, 0.2]], "fetching": [["smollm2-135m", 15, 30, 13_000_000, 65_000_000]],
+            "active_requests": 0, "compute": 1.0, "age": 0.1}  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(peers_table({"self": peer["peer_id"], "peers": [peer]}))
+    assert "loading smollm2-135m [15, 30) 20% fetched 13/65 MB" in console.export_text()
