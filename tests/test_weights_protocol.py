@@ -143,3 +143,48 @@ def test_status_table_shows_fetch_progress():
     console = Console(width=200, record=True)
     console.print(peers_table({"self": peer["peer_id"], "peers": [peer]}))
     assert "loading smollm2-135m [15, 30) 20% fetched 13/65 MB" in console.export_text()
+
+
+def test_cache_resumes_from_verified_chunks_and_evicts_over_its_limit(manifest, tmp_path):
+    from p2pinfer.engine.catalog import embedded_model_path
+    from p2pinfer.weights.store import WeightStore
+
+    raw = manifest.encode()
+    data = embedded_model_path().read_bytes()
+    store = WeightStore(tmp_path, cache_limit=2 << 20)
+    m = store.open(manifest, raw)
+    for i in (0, 1, 5):
+        c = manifest.chunks[i]
+        m.write(i, data[c.offset : c.offset + c.length])
+    # a torn write: listed in .have, but the bytes in the file are not the chunk's
+    c9 = manifest.chunks[9]
+    m.write(9, b"\x00" * c9.length)
+    reopened = WeightStore(tmp_path, cache_limit=2 << 20).open_existing()
+    assert [r.have for r in reopened] == [{0, 1, 5}]  # the bad chunk is dropped, the good ones stay
+    store = WeightStore(tmp_path, cache_limit=2 << 20)
+    (again,) = store.open_existing()
+    assert again.held_bytes() > 2 << 20
+    assert store.evict(keep={again.root}) == []  # in use: kept even over the limit
+    assert store.evict(keep=set()) == [again.root]
+    assert not again.path.exists() and store.held_bytes() == 0
+
+
+def test_election_prefers_warm_then_file_then_fetch():
+    from p2pinfer.cluster.ring import Candidate, ModelNeeds, elect_ring
+
+    needs = ModelNeeds("m", 4, 100, 10, 10, 0, 0)
+    whole = 4 * 100 + 20
+    # "a" sorts first by peer id and is more idle, but must fetch: "z" holds the file
+    fetcher, holder = Candidate("a", whole, 0, 9.0, fetch=True), Candidate("z", whole, 3, 1.0)
+    assert [m.peer_id for m in elect_ring([fetcher, holder], needs)] == ["z"]
+    # a fetcher that holds the layers warm (it fetched them before) beats a cold holder
+    warm = Candidate("a", whole, 0, 9.0, held=(("m", 0, 4),), fetch=True)
+    assert [m.peer_id for m in elect_ring([warm, holder], needs)] == ["a"]
+    # two-peer rings: of three peers, the two with the file are taken
+    half = 2 * 100 + 10
+    peers = [
+        Candidate("a", half, 0, 1.0, fetch=True),
+        Candidate("b", half, 0, 1.0),
+        Candidate("c", half, 0, 1.0),
+    ]
+    assert {m.peer_id for m in elect_ring(peers, needs)} == {"b", "c"}
