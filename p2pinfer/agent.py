@@ -229,8 +229,12 @@ class Agent:
         return self.shards.offer(memory_info()[1])
 
     def served_models(self) -> list[str]:
-        """Every model some computing peer in the view has."""
-        return sorted({m for r in self.membership.view.records() if r.can_compute for m in r.models})
+        """Every model some computing peer in the view has, or could fetch from a peer that offers it."""
+        records = self.membership.view.records()
+        models = {m for r in records if r.can_compute for m in r.models}
+        if any(r.can_compute and r.fetches for r in records):
+            models |= {w[0] for r in records for w in r.weights}
+        return sorted(models)
 
     def describe(self) -> dict:
         return {

@@ -123,6 +123,8 @@ def test_fresh_peer_fetches_exactly_its_shard_and_answers_like_a_lone_agent(clus
     assert sparse.stat().st_size == manifest.size and sparse.stat().st_blocks * 512 < held + (8 << 20)
     # what b fetched it now offers to others, by the model's hash
     rec = own_record(b)
+    listed = {m["id"]: m for m in b.get("/v1/models")["data"]}
+    assert listed[MODEL]["n_layers"] == manifest.n_layers  # from b's catalog entry for the fetched header
     assert [(w[0], w[1]) for w in rec["weights"]] == [(MODEL, manifest.sha256)]
 
 
