@@ -188,3 +188,12 @@ def test_election_prefers_warm_then_file_then_fetch():
         Candidate("c", half, 0, 1.0),
     ]
     assert {m.peer_id for m in elect_ring(peers, needs)} == {"b", "c"}
+
+
+def test_a_fetched_range_reports_fetch_then_load_then_warm():
+    from p2pinfer.progress import overall
+
+    assert overall({"fetch": (0, 100)}) == 0.0
+    assert overall({"fetch": (50, 100)}) == 0.25
+    assert overall({"fetch": (100, 100), "load": (10, 10)}) == 0.75
+    assert overall({"load": (10, 10)}) == 0.5  # a range read from a local file: as before
