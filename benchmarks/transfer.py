@@ -51,7 +51,10 @@ def first_token_seconds(agent: AgentProcess, t_start: float) -> float:
         try:
             with urllib.request.urlopen(req, timeout=600) as r:
                 for line in r:
-                    if line.startswith(b"data: ") and b'"content"' in line:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):  # a token, not the role's empty delta
                         t = time.monotonic() - t_start
                         r.read()
                         return t
@@ -98,6 +101,9 @@ def main() -> None:
         agents.append(fresh)
         t0 = time.monotonic()
         fresh.start()
+        # (the request waits until gossip has shown the fresh peer every holder: what a client sees anyway)
+        wait_for(lambda: sum(bool(p["weights"]) for p in fresh.get("/v1/cluster")["peers"]) >= args.sources, 60,
+                 interval=0.02, what="the fresh peer to see every holder")  # fmt: skip
         ttft = first_token_seconds(fresh, t0)
         log = fresh.log()
         fetched = re.findall(r"fetched smollm2-135m parts .*?: ([\d.]+) MB in ([\d.]+) s \(([\d.]+) MB/s\) "
