@@ -41,6 +41,15 @@ def test_manifest_round_trip_and_parts(manifest):
     assert first | last == set(range(len(manifest.chunks)))  # together, every chunk of the file
 
 
+def test_part_ranges_from_records_are_bounded():
+    from p2pinfer.weights.manifest import from_ranges, ranges
+
+    assert from_ranges(ranges({-3, -2, -1, 0, 1, 7})) == {-3, -2, -1, 0, 1, 7}
+    for bad in ([[0, 10**9]], [[-9, 0]], [[3, 3]], [["a", 2]], [[i, i + 1] for i in range(100)]):
+        with pytest.raises(ValueError):
+            from_ranges(bad)
+
+
 def test_manifests_that_lie_are_refused(manifest):
     raw = manifest.encode()
     with pytest.raises(ManifestError, match="root"):

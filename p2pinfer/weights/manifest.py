@@ -71,10 +71,18 @@ def ranges(parts) -> list[list[int]]:
     return out
 
 
+MAX_LAYERS = 4096  # more than any model has: a record claiming parts beyond it is refused
+MAX_RANGES = 64
+
+
 def from_ranges(rs) -> frozenset[int]:
+    """Part ranges as a peer's record gossips them; ValueError for anything outside sane bounds (a peer's
+    record must not make us build huge sets)."""
+    if len(rs) > MAX_RANGES:
+        raise ValueError(f"{len(rs)} part ranges (at most {MAX_RANGES})")
     out: set[int] = set()
     for a, b in rs:
-        if not (isinstance(a, int) and isinstance(b, int) and -3 <= a < b <= 1 << 20):
+        if not (isinstance(a, int) and isinstance(b, int) and HEAD <= a < b <= MAX_LAYERS):
             raise ValueError(f"bad part range {a!r}..{b!r}")
         out.update(range(a, b))
     return frozenset(out)
