@@ -63,7 +63,7 @@ class PeerRecord:
     fetching: tuple[tuple[str, int, int, int, int], ...] = ()
     # models whose chunks this peer uploads: (name, file sha256, manifest root, size, part ranges [[a, b)...])
     weights: tuple[tuple[str, str, str, int, tuple[tuple[int, int], ...]], ...] = ()
-    fetches: bool = False  # fetches the weights of a range it is given (serve/fetch.py): a candidate without the file
+    fetches: bool = False  # fetches a range's weights it lacks (serve/fetch.py): elected without the file
     active_requests: int = 0
     leave: bool = False
     draining: bool = False  # finishing its requests before leaving: elect no new ring with it

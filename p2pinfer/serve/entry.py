@@ -94,7 +94,8 @@ def candidates_for(records: list[PeerRecord], entry: ModelEntry) -> list[Candida
         warm = tuple(x for x in r.layers if x[0] == entry.name)
         warm_bytes = sum(entry.shard_bytes(s, e) for _, s, e in warm if 0 <= s < e <= entry.n_layers)
         fetch = not has_file and not any(w[0] == entry.name for w in r.weights)
-        out.append(Candidate(r.peer_id, r.memory_free + warm_bytes, r.active_requests, r.compute, warm, fetch))
+        free = r.memory_free + warm_bytes
+        out.append(Candidate(r.peer_id, free, r.active_requests, r.compute, warm, fetch))
     return out
 
 
