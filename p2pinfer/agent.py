@@ -184,7 +184,7 @@ class Agent:
         # range we are given without the file, before the shard loads (serve/fetch.py)
         self.weights = WeightService(self.blobs, self.peer_id, self.catalog, WeightStore(s.data_dir, s.cache_limit),
                                      self.membership.view.records, s.upload_limit, self.membership.poke,
-                                     can_fetch=s.compute)  # fmt: skip
+                                     can_fetch=s.compute, busy=lambda: self.shards.in_use())  # fmt: skip
         self.shards = ShardHost(s.memory_limit, self.membership.poke, s.capacity, prepare=self.weights.prepare)
         self.linker = Linker(self.streams, self.peer_id)
         self.member = Member(self.catalog, self.shards, self.linker, self.membership.poke, can_compute=s.compute,

@@ -49,7 +49,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--cache-limit", help="cap on the weights fetched from peers kept in the data dir, e.g. 2G "
                                          "(least recently used models go first; default: no cap)")  # fmt: skip
     p.add_argument("--upload-limit", help="cap on the bytes per second this peer sends to peers fetching weights, "
-                                          "e.g. 20M (default: no cap)")  # fmt: skip
+                                          "e.g. 50M (default: 20 MiB/s while this peer serves a ring, else no cap)")  # fmt: skip
     p.add_argument(
         "--models-dir",
         dest="models_dirs",

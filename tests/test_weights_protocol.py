@@ -10,6 +10,7 @@ import struct
 import multiaddr
 import pytest
 import trio
+import trio.testing
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
 
@@ -206,3 +207,26 @@ def test_a_fetched_range_reports_fetch_then_load_then_warm():
     assert overall({"fetch": (50, 100)}) == 0.25
     assert overall({"fetch": (100, 100), "load": (10, 10)}) == 0.75
     assert overall({"load": (10, 10)}) == 0.5  # a range read from a local file: as before
+
+
+def test_uploads_are_paced_only_while_the_peer_serves_a_ring():
+    from p2pinfer.net.blobs import RateLimit
+
+    busy = [False]
+    limit = RateLimit(None, busy_rate=1 << 20, busy=lambda: busy[0])
+    assert limit.current() is None  # idle: full speed
+    busy[0] = True
+    assert limit.current() == 1 << 20
+    assert RateLimit(5 << 20, busy_rate=1 << 20, busy=lambda: True).current() == 5 << 20  # an explicit cap wins
+
+    async def timed(n_bytes: int) -> float:
+        t0 = trio.current_time()
+        await limit.take(n_bytes)
+        return trio.current_time() - t0
+
+    async def main():
+        return await timed((1 << 20) + (512 << 10))  # the burst (1 MiB) is free, the rest waits ~0.5 s
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    waited = trio.run(main, clock=clock)
+    assert 0.4 < waited < 0.6

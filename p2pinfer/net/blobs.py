@@ -39,23 +39,32 @@ class BlobError(Exception):
 
 
 class RateLimit:
-    """A token bucket in bytes per second (None: unlimited), shared by every upload of this peer."""
+    """A token bucket in bytes per second, shared by every upload of this peer. `rate` caps it always;
+    without one, `busy_rate` caps it while `busy()` says this peer has other work (None: unlimited)."""
 
-    def __init__(self, rate: int | None, burst: int = 1 << 20) -> None:
-        self.rate, self.burst = rate, burst
+    def __init__(self, rate: int | None, burst: int = 1 << 20, busy_rate: int | None = None,
+                 busy: Callable[[], bool] | None = None) -> None:  # fmt: skip
+        self.rate, self.burst, self.busy_rate, self.busy = rate, burst, busy_rate, busy
         self._tokens, self._at = float(burst), time.monotonic()
         self._lock = trio.Lock()
 
+    def current(self) -> int | None:
+        if self.rate:
+            return self.rate
+        return self.busy_rate if self.busy is not None and self.busy() else None
+
     async def take(self, n: int) -> None:
-        if not self.rate:
+        rate = self.current()
+        if not rate:
+            self._tokens, self._at = float(self.burst), time.monotonic()
             return
         async with self._lock:  # one upload at a time draws on the bucket: FIFO, no starvation
             now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * rate)
             self._at = now
             self._tokens -= n
             if self._tokens < 0:
-                await trio.sleep(-self._tokens / self.rate)
+                await trio.sleep(-self._tokens / rate)
 
 
 async def _read_exact(stream: INetStream, n: int, buf: bytearray) -> bytes:

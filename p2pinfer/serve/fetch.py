@@ -59,6 +59,10 @@ STREAMS_PER_PEER = 4
 AVOID_SECONDS = 600.0
 CHUNK_TIMEOUT = 60.0  # a peer that sends no chunk for this long is dropped, its chunks go to the others
 
+# Upload pace while this peer computes for a ring and no --upload-limit is set: measured here, a holder
+# decoded at 0.52x while a peer pulled its chunks unpaced, 0.98x at 20 MiB/s (benchmarks/transfer.py --contention).
+BUSY_UPLOAD_RATE = 20 << 20
+
 
 class FetchError(EngineError):
     """A model's bytes could not be fetched; the message says why."""
@@ -93,7 +97,8 @@ class Served:
 class WeightService:
     def __init__(self, net: blobs.Blobs, self_id: str, catalog: ModelCatalog, store: WeightStore,
                  records: Callable[[], list[PeerRecord]], upload_limit: int | None,
-                 on_change: Callable[[], None], can_fetch: bool = True) -> None:  # fmt: skip
+                 on_change: Callable[[], None], can_fetch: bool = True,
+                 busy: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self.net, self.self_id, self.catalog, self.store = net, self_id, catalog, store
         self.records, self.on_change, self.can_fetch = records, on_change, can_fetch
         self.served: dict[str, Served] = {}  # root -> what we upload
@@ -102,7 +107,8 @@ class WeightService:
         self._locks: dict[str, trio.Lock] = {}
         self._names_path = store.dir / "names.json"
         self.fetched_bytes = 0  # downloaded and verified, over this run (benchmarks, tests, logs)
-        net.serve(PROTOCOL, self._handle, blobs.RateLimit(upload_limit))
+        # tokens before bytes: without --upload-limit, uploads are paced only while this peer serves a ring
+        net.serve(PROTOCOL, self._handle, blobs.RateLimit(upload_limit, busy_rate=BUSY_UPLOAD_RATE, busy=busy))
 
     # --- start-up: hash local files, reopen the cache ---------------------------------------------
     async def run(self) -> None:

@@ -65,6 +65,10 @@ class ShardHost:
                 out.append((*key, int(done * 10 // total) * total // 10, total))
         return tuple(out)
 
+    def in_use(self) -> bool:
+        """A request is running through a shard here."""
+        return any(h.users for h in self._held.values())
+
     def offer(self, available: int) -> int:
         """Bytes of new layers this peer can take: what the device has free, within --memory-limit."""
         if self.memory_limit is None:
