@@ -25,6 +25,8 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from p2pinfer.net.host import end_stream
+
 log = logging.getLogger("p2pinfer.blobs")
 
 MAX_REQUEST = 4096
@@ -134,11 +136,7 @@ def serve(host: IHost, protocol: str, handler: Handler, limit: RateLimit) -> Non
         except Exception as e:  # stream reset, connection gone
             log.debug("blob stream from %s ended: %s", peer, e)
         finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await end_stream(stream)
 
     host.set_stream_handler(TProtocol(protocol), on_stream)
 
@@ -160,11 +158,7 @@ class BlobClient:
 
     async def __aexit__(self, *exc) -> None:
         if self.stream is not None:
-            with trio.move_on_after(1):
-                try:
-                    await (self.stream.reset() if exc[0] else self.stream.close())
-                except Exception:
-                    pass
+            await end_stream(self.stream, reset=exc[0] is not None)
 
     async def request(self, req: dict, max_body: int) -> tuple[dict, bytes]:
         assert self.stream is not None

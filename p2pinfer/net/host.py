@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
@@ -91,3 +92,13 @@ def build_host(key_pair: KeyPair, cluster_secret: bytes, listen: list[multiaddr.
 
 async def _nothing(*args, **kwargs) -> None:
     return None
+
+
+async def end_stream(stream, reset: bool = False) -> None:
+    """Close (or reset) a stream, giving up after 1 s and ignoring a stream already gone: the caller is
+    done with it either way."""
+    with trio.move_on_after(1):
+        try:
+            await (stream.reset() if reset else stream.close())
+        except Exception:
+            pass

@@ -34,6 +34,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from p2pinfer.net.addrs import AddressError, parse_peer_addr
+from p2pinfer.net.host import end_stream
 
 log = logging.getLogger("p2pinfer.dialer")
 
@@ -83,11 +84,7 @@ async def ping_rtt_ms(host: IHost, peer: str, rounds: int) -> float:
             best = min(best, ms)
         return best
     finally:
-        with trio.move_on_after(1):
-            try:
-                await stream.close()
-            except Exception:
-                pass
+        await end_stream(stream)
 
 
 class Keeper:

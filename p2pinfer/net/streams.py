@@ -37,6 +37,7 @@ from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
+from p2pinfer.net.host import end_stream
 from p2pinfer.net.keeper import Keeper, connection_dying
 from p2pinfer.net.wire import Frame, FrameError, FrameReader, StreamClosed, encode_frame
 from p2pinfer.tasks import open_nursery
@@ -121,11 +122,7 @@ class FramedStream:
             self._tx.close()
 
     async def _reset(self) -> None:
-        with trio.move_on_after(1):
-            try:
-                await self.stream.reset()
-            except Exception:
-                pass
+        await end_stream(self.stream, reset=True)
 
     async def send(self, header: dict, tensor: np.ndarray | None = None) -> None:
         data = encode_frame(header, tensor)  # header and tensor in one write: one yamux frame
@@ -152,11 +149,7 @@ class FramedStream:
             raise LinkClosed(f"link to {self.peer} {self.closed_reason}") from None
 
     async def aclose(self) -> None:
-        with trio.move_on_after(1):
-            try:
-                await self.stream.close()
-            except Exception:
-                pass
+        await end_stream(self.stream)
 
 
 Handler = Callable[[FramedStream], Awaitable[None]]
