@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +109,14 @@ def run_agent(settings: Settings) -> None:
     """Build an agent (a ConfigError is one sentence for the user) and run it until it is stopped."""
     agent = Agent(settings)
     trio.run(agent.run)
+    log.info("agent stopped")
+    if agent.shards.engine_busy():
+        # A shard load whose caller was cancelled by the shutdown still runs in its worker thread; nothing
+        # of it is needed, and interpreter exit would run tinygrad's atexit hooks under that thread's feet.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 class Agent:

@@ -153,7 +153,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from p2pinfer.agent import run_agent
 
     run_agent(settings)
-    log.info("agent stopped")
     return 0
 
 

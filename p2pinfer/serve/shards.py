@@ -65,6 +65,10 @@ class ShardHost:
                 out.append((*key, int(done * 10 // total) * total // 10, total))
         return tuple(out)
 
+    def engine_busy(self) -> bool:
+        """An engine call is running (or waiting): e.g. a load whose cancelled caller did not wait for it."""
+        return self._engine.value == 0
+
     def in_use(self) -> bool:
         """A request is running through a shard here."""
         return any(h.users for h in self._held.values())
