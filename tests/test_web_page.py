@@ -125,10 +125,14 @@ def test_page_streams_an_answer_and_maps_the_ring(cluster, browser, tmp_path):
     assert len([n for n in lengths if n]) >= 3, f"answer did not stream: lengths seen {lengths}"
     assert "tok/s" in page.text_content("#messages .msg.assistant .stats")
     # the map: 3 computing peers, each with a layer range, together covering the model; the request row
-    until(lambda: layered_peers(page) >= 3, 30, "3 peers with layers on the map")
-    labels = page.locator("#peers .peer .barlabel").all_text_contents()
-    layer_labels = [t for t in labels if t.startswith(MODEL + ": layers [")]
-    assert len(layer_labels) == 3, labels
+    def layer_labels() -> list[str]:
+        labels = page.locator("#peers .peer .barlabel").all_text_contents()
+        return [t for t in labels if t.startswith(MODEL + ": layers [")]
+
+    # a peer's record can still say "loading ... 100%" for a moment after the answer: wait for held ranges
+    until(lambda: layered_peers(page) >= 3 and len(layer_labels()) == 3, 30, "3 peers holding layers on the map")
+    layer_labels = layer_labels()
+    assert len(layer_labels) == 3, layer_labels
     ranges = sorted(tuple(int(x) for x in t.split("[")[1].split(")")[0].split(",")) for t in layer_labels)
     assert ranges[0][0] == 0 and ranges[-1][1] == 30 and all(
         ranges[i][1] == ranges[i + 1][0] for i in range(2)), ranges  # fmt: skip
