@@ -203,7 +203,8 @@ class Agent:
         self.entry = EntryService(self.peer_id, self.linker, self.membership.view.records, s.max_requests,
                                   s.capacity)  # fmt: skip
         self.metrics = Metrics()
-        self.metrics.watch(lambda: len(self.membership.view.records()), lambda: dict(TRAFFIC))
+        self.metrics.watch(lambda: len(self.membership.view.records()), lambda: dict(TRAFFIC),
+                           lambda: {"opened": self.linker.opened, "reused": self.linker.reused})
         self.generator = Generator(self.catalog, self.entry, self.metrics, s.model, s.routing,
                                    resolve_model=self.weights.ensure_entry)  # fmt: skip
         self.openai = OpenAIRoutes(self.generator, self.served_models)
@@ -361,6 +362,7 @@ class Agent:
                 self._save_state()
                 await nursery.start(self.membership.run)
                 nursery.start_soon(self.keeper.run)
+                await nursery.start(self.linker.run)  # ring streams kept open across requests
                 for info in self.bootstrap_infos:
                     self.keeper.want(info, "bootstrap", persistent=True)
                 if self.settings.mdns:

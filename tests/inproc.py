@@ -155,6 +155,9 @@ class _Linker:
     def __init__(self, cluster: Cluster, me: str) -> None:
         self.cluster, self.me = cluster, me
 
+    async def prepare(self, peers: list[str], connect_timeout: float = 10.0) -> None:
+        """In-memory links cost nothing to open: no pool to fill."""
+
     @asynccontextmanager
     async def open(self, peer: str, connect_timeout: float = 10.0):
         if peer in self.cluster.dead or self.me in self.cluster.dead:

@@ -224,3 +224,54 @@ def test_models_and_completions_endpoints(cluster, reference):
         model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0
     )
     assert r.choices[0].text.strip() and r.usage.completion_tokens <= 5
+
+
+def _counters(agent: AgentProcess, name: str, headers: dict | None = None) -> dict[str, float]:
+    req = urllib.request.Request(f"{agent.url}/metrics", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    return {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith(f"{name}_total{{")}  # fmt: skip
+
+
+def _replays(agent: AgentProcess) -> float:
+    with urllib.request.urlopen(f"{agent.url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("p2pinfer_ring_replays_total "))
+
+
+def test_a_warm_ring_opens_no_stream(cluster, reference):
+    """Ring streams outlive requests (serve/links.py): once a ring has served a request, the next one
+    through the same entry opens no stream on any peer, reuses pooled ones, and answers the same."""
+    a, b, c, gw = cluster["a"], cluster["b"], cluster["c"], cluster["gw"]
+    keyed = {"Authorization": f"Bearer {API_KEY}"}
+    for via, key in ((b, "x"), (gw, API_KEY)):  # an entry in the ring, and a gateway outside it
+        ask(client_for(via, key), PROMPTS[1], stream=True)  # warms the pools of this entry's ring
+        before = {x.name: _counters(x, "p2pinfer_ring_streams", keyed) for x in (a, b, c, gw)}
+        for stream in (True, False):
+            text, _ = ask(client_for(via, key), PROMPTS[1], stream=stream)
+            assert text == reference[PROMPTS[1]]
+        after = {x.name: _counters(x, "p2pinfer_ring_streams", keyed) for x in (a, b, c, gw)}
+        assert {n: after[n]["opened"] for n in after} == {n: before[n]["opened"] for n in before}, (before, after)
+        reused = sum(after[n]["reused"] - before[n]["reused"] for n in after)
+        # two requests, each: the entry's control links to remote members, the members' data links
+        remote_controls = 2 if via is b else 3
+        assert reused >= 2 * (remote_controls + 2), (via.name, before, after)
+
+
+def test_a_restarted_member_is_reached_afresh_not_through_its_dead_streams(cluster, reference):
+    """A member killed between requests leaves dead streams in its neighbours' pools; once it is back
+    (same identity), the next request goes round without a replay. Last in this module: it restarts b."""
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    ask(client_for(a), PROMPTS[2], stream=False)  # pools to b are warm
+    replays = _replays(a)
+    b.proc.kill()
+    b.proc.wait()
+    b.start()
+    b.wait_ready()
+    ids = {x.peer_id for x in (a, b, c)}
+    for x in (a, b, c):
+        wait_for(lambda x=x: ids <= x.view(), 30, what=f"{x.name} to see the ring again")
+    text, _ = ask(client_for(a), PROMPTS[2], stream=False)
+    assert text == reference[PROMPTS[2]]
+    assert _replays(a) == replays

@@ -4,6 +4,7 @@
     streams.serve("/p2pinfer/ring/1.0.0", handler)       # handler(stream) for every incoming one
     async with streams.open(peer_id, protocol, timeout) as stream:
         await stream.send(header, tensor); frame = await stream.recv()
+    stream = await streams.connect(peer_id, protocol, timeout, nursery)  # outlives a block (a pool's)
 
 Peer ids are base58 strings. Every failure the other side causes surfaces as LinkClosed, whose
 message says which: "closed by peer", "connection lost", a malformed frame, an open that failed or
@@ -81,6 +82,9 @@ class FramedStream:
         self._send_lock = trio.Lock()
         self._tx, self._rx = trio.open_memory_channel[Frame](INBOX_FRAMES)
         self.closed_reason = "closed"
+        self.ended = False  # the pump has stopped: nothing more will be received
+        self.reusable = False  # its user's last use ended cleanly (a pool may keep it: serve/links.py)
+        self._pump_scope = trio.CancelScope()
 
     def _connection_lost(self) -> bool:
         swarm_conn = getattr(self.stream, "swarm_conn", None)
@@ -103,10 +107,11 @@ class FramedStream:
         """Read frames as they arrive, whatever the consumer is doing."""
         reader = FrameReader(self._read)
         try:
-            while True:
-                frame = await reader.read_frame()
-                frame.at = time.perf_counter()
-                await self._tx.send(frame)
+            with self._pump_scope:
+                while True:
+                    frame = await reader.read_frame()
+                    frame.at = time.perf_counter()
+                    await self._tx.send(frame)
         except StreamClosed:
             self.closed_reason = "closed by peer"
         except FrameError as e:
@@ -119,6 +124,7 @@ class FramedStream:
             what = "connection lost" if self._connection_lost() else type(e).__name__
             self.closed_reason = f"{what} ({type(e).__name__}: {e})" if str(e) else what
         finally:
+            self.ended = True
             self._tx.close()
 
     async def _reset(self) -> None:
@@ -149,6 +155,7 @@ class FramedStream:
             raise LinkClosed(f"link to {self.peer} {self.closed_reason}") from None
 
     async def aclose(self) -> None:
+        self._pump_scope.cancel()
         await end_stream(self.stream)
 
 
@@ -191,6 +198,14 @@ class Streams:
             finally:
                 await framed.aclose()
                 nursery.cancel_scope.cancel()
+
+    async def connect(self, peer: str, protocol: str, timeout: float, nursery: trio.Nursery) -> FramedStream:
+        """A framed stream of `protocol` to `peer` whose pump runs in `nursery`: it lives until its
+        aclose() (or the peer ends it), not for one block. For a pool of streams (serve/links.py)."""
+        stream = await self._new_stream(ID.from_base58(peer), TProtocol(protocol), timeout)
+        framed = FramedStream(stream, peer)
+        nursery.start_soon(framed.pump)
+        return framed
 
     async def _new_stream(self, peer: ID, protocol: TProtocol, timeout: float) -> INetStream:
         """A stream to `peer` within `timeout`, tried up to OPEN_TRIES times. Between tries, connections

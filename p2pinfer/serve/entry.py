@@ -251,6 +251,7 @@ class EntryService:
                 sampling.get("repetition_penalty", 1.0) != 1.0:  # fmt: skip
             sampling["recent"] = prompt[-PENALTY_LAST_N:].tolist()  # the last member never sees the ids
         t0 = time.monotonic()
+        await self.linker.prepare([m.peer_id for m in ring])  # streams to every member at once, if not pooled
         async with AsyncExitStack() as stack:
             controls: list[Link] = []
             for m in ring:
@@ -276,7 +277,14 @@ class EntryService:
             )
             for i, link in enumerate(controls):
                 await self._send(link, {"t": P.START}, prompt if i == 0 else None)
-            return await self._collect(controls, generated, tx, report)
+            reason = await self._collect(controls, generated, tx, report)
+            for link in controls:  # the request is over: members free their sessions, the links stay open
+                try:
+                    await link.send({"t": P.END})
+                    link.reusable = True
+                except LinkClosed:
+                    pass
+            return reason
 
     async def _send(self, link: Link, header: dict, tensor=None) -> None:
         try:

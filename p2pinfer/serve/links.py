@@ -4,6 +4,11 @@ A request's members may include this peer itself; a local link is a pair of memo
 request code is the same either way. A link to another peer is a framed stream from net/streams.py
 (a reader that never waits for compute, one write per frame, "closed by peer" vs "connection
 lost"); nothing here knows libp2p.
+
+Streams to other peers are pooled (protocol.py says when a use ends cleanly): `open` takes an idle
+stream to that peer before it opens one, and a link its user marked `reusable` goes back to the pool
+once the serving side says `idle`. The pool's streams live in `run`'s nursery; without `run` every
+link is a fresh stream closed after its block, as before.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from typing import Protocol
 import numpy as np
 import trio
 
-from p2pinfer.net.streams import INBOX_FRAMES, LinkClosed, Streams
+from p2pinfer.net.streams import INBOX_FRAMES, FramedStream, LinkClosed, Streams
 from p2pinfer.net.wire import Frame
+from p2pinfer.serve import protocol as P
 from p2pinfer.tasks import open_nursery
 
 __all__ = ["RING_PROTOCOL", "Handler", "Link", "LinkClosed", "Linker", "LocalLink"]
@@ -26,12 +32,19 @@ log = logging.getLogger("p2pinfer.links")
 
 RING_PROTOCOL = "/p2pinfer/ring/1.0.0"
 
+POOL_PER_PEER = 8  # idle streams kept to one peer (a few concurrent requests' worth)
+POOL_IDLE_TTL = 60.0  # seconds an unused stream is kept
+PROBE_AFTER = 2.0  # a stream idle longer is pinged before reuse (its peer may have vanished meanwhile)
+PROBE_TIMEOUT = 2.0
+IDLE_TIMEOUT = 30.0  # how long a released stream waits for the serving side's `idle` (its request ending there)
+
 
 class Link(Protocol):
     """What the request code sees of a ring neighbour: a framed stream (net/streams.py) or a LocalLink.
     Every failure of the other end raises LinkClosed."""
 
     peer: str
+    reusable: bool  # set by the user when its use of the link ended cleanly (protocol.py); pooled then
 
     async def send(self, header: dict, tensor: np.ndarray | None = None) -> None: ...
 
@@ -43,6 +56,7 @@ class Link(Protocol):
 class LocalLink(Link):
     def __init__(self, peer: str, tx: trio.MemorySendChannel, rx: trio.MemoryReceiveChannel) -> None:
         self.peer = peer
+        self.reusable = False  # in-process: nothing to pool
         self._tx, self._rx = tx, rx
 
     @staticmethod
@@ -69,16 +83,21 @@ class LocalLink(Link):
         await self._tx.aclose()
 
 
-Handler = Callable[[Link], Awaitable[None]]
+Handler = Callable[[Link], Awaitable[bool | None]]  # True: the use ended cleanly, the stream may be reused
 
 
 class Linker:
-    """Opens links by peer id and hands incoming ones to `handler`; links to ourselves stay in-process."""
+    """Opens links by peer id (pooled streams, see above) and hands incoming ones to `handler`; links to
+    ourselves stay in-process."""
 
     def __init__(self, streams: Streams, self_id: str, handler: Handler | None = None) -> None:
         self.streams = streams
         self.self_id = self_id
         self.handler: Handler | None = None
+        # peer -> [(idle since, stream, used before)], newest last; `prepare` adds unused ones
+        self._idle: dict[str, list[tuple[float, FramedStream, bool]]] = {}
+        self._pool: trio.Nursery | None = None
+        self.opened = self.reused = 0  # streams opened, and taken again from the pool (/metrics)
         if handler is not None:
             self.serve(handler)
 
@@ -88,9 +107,30 @@ class Linker:
         self.handler = handler
         self.streams.serve(RING_PROTOCOL, self._guarded)
 
-    async def _guarded(self, link: Link) -> None:
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the stream pool: pooled streams' readers run here, unused ones are closed after a while."""
         try:
-            await self.handler(link)
+            async with open_nursery() as nursery:
+                self._pool = nursery
+                task_status.started()
+                while True:
+                    await trio.sleep(POOL_IDLE_TTL / 4)
+                    await self._expire(trio.current_time() - POOL_IDLE_TTL)
+        finally:
+            self._pool = None
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._expire(float("inf"))  # the pool's streams end with it
+            self._idle.clear()
+
+    async def _guarded(self, link: Link, reuse: bool = True) -> None:
+        """Serve one incoming stream: every use the handler says ended cleanly is answered by `idle` and
+        the stream waits for its next use (a `ping` is answered by `idle` too)."""
+        try:
+            while True:
+                clean = await self.handler(link)
+                if not (reuse and clean):
+                    return
+                await link.send({"t": P.IDLE})
         except LinkClosed as e:
             log.debug("link from %s ended: %s", link.peer, e)
         except Exception:  # a peer's mistake or our bug must never take the agent down
@@ -98,15 +138,56 @@ class Linker:
 
     @asynccontextmanager
     async def open(self, peer: str, connect_timeout: float = 10.0) -> AsyncIterator[Link]:
-        if peer != self.self_id:
-            async with self.streams.open(peer, RING_PROTOCOL, connect_timeout) as link:
+        if peer == self.self_id:
+            async with self._open_local(peer) as link:
                 yield link
             return
+        if self._pool is None:  # no pool running: a stream for this block alone
+            async with self.streams.open(peer, RING_PROTOCOL, connect_timeout) as link:
+                self.opened += 1
+                yield link
+            return
+        link = await self._take(peer) or await self._connect(peer, connect_timeout)
+        link.reusable = False
+        try:
+            yield link
+        finally:
+            if link.reusable and not link.ended and self._pool is not None:
+                self._pool.start_soon(self._await_idle, link)
+            else:
+                with trio.CancelScope(shield=True):
+                    await link.aclose()
+
+    async def prepare(self, peers: list[str], connect_timeout: float = 10.0) -> None:
+        """Have an idle stream ready to each of `peers` (opened side by side), so that opening their links
+        one after another costs no open each; failures are left for `open` to report."""
+        wanted: dict[str, int] = {}
+        for p in peers:
+            if p != self.self_id:
+                wanted[p] = wanted.get(p, 0) + 1
+        if self._pool is None or not wanted:
+            return
+
+        async def ready(peer: str, n: int) -> None:
+            missing = n - sum(1 for _, s, _ in self._idle.get(peer, []) if not s.ended)
+            for _ in range(missing):
+                try:
+                    link = await self._connect(peer, connect_timeout)
+                except LinkClosed:
+                    return
+                self._idle.setdefault(peer, []).append((trio.current_time(), link, False))
+
+        async with open_nursery() as nursery:
+            for peer, n in wanted.items():
+                nursery.start_soon(ready, peer, n)
+
+    @asynccontextmanager
+    async def _open_local(self, peer: str) -> AsyncIterator[Link]:
         mine, theirs = LocalLink.pair(peer)
 
         async def run_local() -> None:
             try:
-                await self._guarded(theirs)
+                await self._guarded(theirs, reuse=False)
             finally:
                 await theirs.aclose()
 
@@ -116,3 +197,61 @@ class Linker:
                 yield mine
             finally:
                 await mine.aclose()
+
+    async def _connect(self, peer: str, timeout: float) -> FramedStream:
+        link = await self.streams.connect(peer, RING_PROTOCOL, timeout, self._pool)
+        self.opened += 1
+        return link
+
+    async def _take(self, peer: str) -> FramedStream | None:
+        """The newest idle stream to `peer` that still works (probed if it idled a while), else None."""
+        idle = self._idle.get(peer, [])
+        while idle:
+            since, link, used = idle.pop()
+            if link.ended:
+                await self._close(link)
+                continue
+            if trio.current_time() - since < PROBE_AFTER:
+                self.reused += used
+                return link
+            with trio.move_on_after(PROBE_TIMEOUT):
+                try:
+                    await link.send({"t": P.PING})
+                    if (await link.recv()).header.get("t") == P.IDLE:
+                        self.reused += used
+                        return link
+                except LinkClosed:
+                    pass
+            await self._close(link)
+        return None
+
+    async def _await_idle(self, link: FramedStream) -> None:
+        """A released stream goes back to the pool once the serving side says `idle`; anything before
+        that (a late error of the finished request) is dropped with it."""
+        with trio.move_on_after(IDLE_TIMEOUT):
+            try:
+                while (await link.recv()).header.get("t") != P.IDLE:
+                    pass
+                idle = self._idle.setdefault(link.peer, [])
+                if len(idle) < POOL_PER_PEER:
+                    idle.append((trio.current_time(), link, True))
+                    return
+            except LinkClosed:
+                pass
+        await self._close(link)
+
+    async def _expire(self, before: float) -> None:
+        for peer, idle in list(self._idle.items()):
+            keep = [x for x in idle if x[0] >= before and not x[1].ended]
+            for x in idle:
+                if x not in keep:
+                    await self._close(x[1])
+            if keep:
+                self._idle[peer] = keep
+            else:
+                del self._idle[peer]
+
+    @staticmethod
+    async def _close(link: FramedStream) -> None:
+        with trio.CancelScope(shield=True):
+            await link.aclose()

@@ -1,8 +1,9 @@
 """The member side of a ring: receive, forward through our layers, pass on; the last member samples.
 
 A member trusts the ring in the entry's open header, not its own view, so views that differ for a
-moment cannot split a request. A request lives exactly as long as its control link: when the entry
-closes it (finished, cancelled, client gone) or dies, the member stops and frees its KV session.
+moment cannot split a request. A request lives as long as its use of the control link: when the entry
+ends it (`end`: finished; `cancel` or closing it: cancelled, client gone) or dies, the member stops and
+frees its KV session. A use that ended cleanly leaves the link open for the next request (protocol.py).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class _Trace:
 TRACE = _Trace(os.environ["P2PINFER_RING_TRACE"]) if os.environ.get("P2PINFER_RING_TRACE") else None
 
 INBOUND_TIMEOUT = 30.0  # the previous member connects right after `start`
-LINGER_TIMEOUT = 30.0  # how long a finished member waits for the entry to close the request
+LINGER_TIMEOUT = 30.0  # how long a finished member waits for the entry to end the request
+END_GRACE = 5.0  # how long after `end` a member's part may take to pass the ring's done on
+DRAIN_TIMEOUT = 5.0  # how long the last member waits for the done that comes round to it
 
 
 def _error(kind: F, msg: str, **extra) -> dict:
@@ -125,6 +128,8 @@ class _Active:
     req: P.OpenRequest
     inbound: Link | None = None
     inbound_ready: trio.Event = field(default_factory=trio.Event)
+    inbound_done: bool = False  # the ring's done was read from it: it may carry another request
+    ended: trio.Event = field(default_factory=trio.Event)  # the entry sent `end`
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -146,19 +151,22 @@ class Member:
     def active_requests(self) -> int:
         return len(self._active)
 
-    async def handle(self, link: Link) -> None:
-        """Every incoming ring link starts here; its first frame says what it is."""
+    async def handle(self, link: Link) -> bool:
+        """Every use of an incoming ring link starts here; its first frame says what it is. True: the use
+        ended cleanly and the link may carry another (links.py answers `idle`)."""
         first = await link.recv()
         kind = first.header.get("t")
         if kind == P.OPEN:
-            await self._serve_control(link, first.header)
-        elif kind == P.DATA:
-            await self._serve_data(link, str(first.header.get("rid", "")))
-        else:
-            log.warning("dropping ring link from %s: unexpected first frame %r", link.peer, kind)
+            return await self._serve_control(link, first.header)
+        if kind == P.DATA:
+            return await self._serve_data(link, str(first.header.get("rid", "")))
+        if kind == P.PING:
+            return True  # its opener checks that a pooled link still works
+        log.warning("dropping ring link from %s: unexpected first frame %r", link.peer, kind)
+        return False
 
     # --- data links: hand them to the request they belong to ---------------
-    async def _serve_data(self, link: Link, rid: str) -> None:
+    async def _serve_data(self, link: Link, rid: str) -> bool:
         with trio.move_on_after(INBOUND_TIMEOUT):
             while rid not in self._active:
                 ev = self._registered.setdefault(rid, trio.Event())
@@ -168,10 +176,11 @@ class Member:
             log.warning(
                 "dropping data link from %s for unknown or already linked request %s", link.peer, rid[:12]
             )
-            return
+            return False
         active.inbound = link
         active.inbound_ready.set()
         await active.done.wait()  # keep the stream open while the request uses it
+        return active.inbound_done
 
     async def _wait_inbound(self, active: _Active) -> Link:
         with trio.move_on_after(INBOUND_TIMEOUT):
@@ -181,26 +190,27 @@ class Member:
         raise NeighbourLost(req.ring[req.index - 1][0], f"it never connected for request {req.rid[:12]}")
 
     # --- control link: the whole life of our part of a request -------------
-    async def _serve_control(self, control: Link, header: dict) -> None:
+    async def _serve_control(self, control: Link, header: dict) -> bool:
+        """Our part of one request; True when the entry ended it with `end` (the link may be reused)."""
         try:
             req = P.OpenRequest.from_header(header)
         except P.ProtocolError as e:
             await control.send(_error(F.BAD_REQUEST, str(e)))
-            return
+            return False
         if not self.can_compute:
             await control.send(_error(F.UNAVAILABLE, "this peer is a gateway (--no-compute)"))
-            return
+            return False
         if self.draining:
             await control.send(_error(F.UNAVAILABLE, "this peer is shutting down"))
-            return
+            return False
         try:
             params = SamplingParams(**req.sampling_fields(), stop_token_ids=tuple(req.stop_ids))
         except (TypeError, ValueError) as e:
             await control.send(_error(F.BAD_REQUEST, f"bad sampling parameters: {e}"))
-            return
+            return False
         if req.rid in self._active:
             await control.send(_error(F.CONFLICT, "duplicate request id"))
-            return
+            return False
         try:
             await self.resolve_model(req.model)
             entry = self.catalog.get(req.model)
@@ -208,32 +218,34 @@ class Member:
             # a peer that fetches weights may just not have heard of the model's holders yet: not fatal
             await control.send(_error(F.UNAVAILABLE if self.resolve_model is not _no_resolve else F.UNKNOWN_MODEL,
                                       str(e)))  # fmt: skip
-            return
+            return False
         except EngineError as e:  # its header could not be fetched from peers: another ring may do
             await control.send(_error(F.UNAVAILABLE, f"cannot get {req.model}: {e}"))
-            return
+            return False
         if entry.n_layers != req.n_layers:
             await control.send(_error(F.CONFLICT, f"{req.model} has {entry.n_layers} layers here"))
-            return
+            return False
         try:
             shard = await self.shards.acquire(entry, req.start, req.end)
         except EngineError as e:
             await control.send(_error(F.UNAVAILABLE, f"cannot load layers: {e}"))
-            return
+            return False
         active = _Active(req)
         try:
             try:
                 await self.shards.compute(shard.open_session, req.rid, req.ctx)
             except (SessionLimitError, ContextLimitError) as e:
                 await control.send(_error(F.BUSY, str(e)))
-                return
+                return False
             self._active[req.rid] = active
             self._registered.pop(req.rid, trio.Event()).set()
             self.on_change()
+            if len(req.ring) > 1:  # our data link's stream, opened while the others get ready, not after start
+                await self.linker.prepare([req.peer_after()])
             await control.send({"t": P.READY})
             start = await control.recv()
             if start.header.get("t") != P.START:
-                return
+                return False
             await self._run(control, active, shard, start.tensor, params)
         except LinkClosed as e:
             log.info("request %s: our part ended early: %s", req.rid[:12], e)
@@ -262,6 +274,7 @@ class Member:
                 await self.shards.compute(shard.close_session, req.rid)
             self.shards.release(shard)
             self.on_change()
+        return active.ended.is_set()
 
     async def _run(self, control: Link, active: _Active, shard: Shard, prompt: np.ndarray | None,
                    params: SamplingParams) -> None:  # fmt: skip
@@ -269,10 +282,13 @@ class Member:
         async with open_nursery() as nursery:
 
             async def watch_control() -> None:
-                # anything further from the entry (cancel) or its loss ends our part of the request
+                # cancel, or the entry's loss, ends our part at once; end lets it pass the ring's done on first
                 try:
-                    while (await control.recv()).header.get("t") != P.CANCEL:
-                        pass
+                    while (kind := (await control.recv()).header.get("t")) != P.CANCEL:
+                        if kind == P.END:
+                            active.ended.set()
+                            await trio.sleep(END_GRACE)
+                            break
                 except LinkClosed:
                     pass
                 nursery.cancel_scope.cancel()
@@ -291,13 +307,29 @@ class Member:
                         await self._run_first(control, active, shard, prompt, out)
                     elif req.is_last:
                         await self._run_last(control, active, shard, out, params)
+                        await self._drain(active)
                     else:
                         await self._run_middle(control, active, shard, out)
+                    out.link.reusable = True  # our part ended by passing the ring's done on
             # Our part is done, but the entry alone ends the request: a control link closing early
-            # would look to it like a lost member. watch_control ends us when the entry closes it.
+            # would look to it like a lost member. watch_control ends us when the entry says so.
             with trio.move_on_after(LINGER_TIMEOUT):
-                await trio.sleep_forever()
+                await active.ended.wait()
             nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _drain(active: _Active) -> None:
+        """The last member ends its part by sampling the end, before the ring's done comes round to it:
+        read that done, so the link it comes on is clean for another request."""
+        if active.inbound is None or active.inbound_done:
+            return
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            try:
+                while (await active.inbound.recv()).header.get("t") != P.DONE:
+                    pass
+                active.inbound_done = True
+            except LinkClosed:
+                pass
 
     def _check_prompt(self, prompt: np.ndarray | None) -> np.ndarray:
         if prompt is None or prompt.ndim != 1 or prompt.size == 0 or prompt.dtype != np.int32:
@@ -373,6 +405,7 @@ class Member:
             frame = await inbound.recv()
             kind = frame.header.get("t")
             if kind == P.DONE:
+                active.inbound_done = True
                 await out.send(frame.header)
                 await self._report(control, req, frame.header)
                 return
@@ -409,6 +442,7 @@ class Member:
                 header.update(self._fields(frame.header))
             await self._pass_on(out, req.rid, header, hidden)
             await self._report(control, req, frame.header)  # off the critical path, as in _run_first
+        active.inbound_done = True
         await out.send(frame.header)
         await self._report(control, req, frame.header)
 

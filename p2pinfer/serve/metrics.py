@@ -29,20 +29,27 @@ class Metrics:
         self.peers = Gauge("p2pinfer_peers_in_view", "peers in this peer's view (itself included)", registry=r)
         self.active = Gauge("p2pinfer_active_requests", "requests entered here and not finished", registry=r)
 
-    def watch(self, peers: Callable[[], int], link_bytes: Callable[[], dict[str, int]] | None = None) -> None:
-        """Read at scrape time: peers in view, and bytes moved on ring links by direction."""
+    def watch(self, peers: Callable[[], int], link_bytes: Callable[[], dict[str, int]] | None = None,
+              ring_streams: Callable[[], dict[str, int]] | None = None) -> None:  # fmt: skip
+        """Read at scrape time: peers in view, bytes moved on ring links by direction, and ring streams
+        this peer opened or took again from its pool (serve/links.py)."""
         self.peers.set_function(peers)
         if link_bytes is not None:
-            self.registry.register(_LinkBytes(link_bytes))
+            self.registry.register(_ReadCounter("p2pinfer_link_bytes", "bytes moved on ring links (framed streams), "
+                                                "by direction", "direction", link_bytes))  # fmt: skip
+        if ring_streams is not None:
+            self.registry.register(_ReadCounter("p2pinfer_ring_streams", "ring streams this peer opened, or reused "
+                                                "from its pool", "how", ring_streams))  # fmt: skip
 
 
-class _LinkBytes:
-    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
-        self.read = read
+class _ReadCounter:
+    """A counter family whose labelled values are read from the code that keeps them, at scrape time."""
+
+    def __init__(self, name: str, help: str, label: str, read: Callable[[], dict[str, int]]) -> None:
+        self.name, self.help, self.label, self.read = name, help, label, read
 
     def collect(self):
-        family = CounterMetricFamily("p2pinfer_link_bytes", "bytes moved on ring links (framed streams), by direction",
-                                     labels=["direction"])  # fmt: skip
-        for direction, n in sorted(self.read().items()):
-            family.add_metric([direction], n)
+        family = CounterMetricFamily(self.name, self.help, labels=[self.label])
+        for value, n in sorted(self.read().items()):
+            family.add_metric([value], n)
         yield family

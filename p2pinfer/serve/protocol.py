@@ -7,7 +7,8 @@ Control link (entry -> each member, one per member per request):
   entry -> member  start  {}            (index 0's start frame carries the prompt as an int32 tensor)
   reporter -> entry  tok  {id, [lp, top]}  ...  done {reason: "stop" | "length"}
                    (lp: the token's logprob, top: [[id, logprob]...], when sampling asks for logprobs)
-  entry -> member  cancel {}            (or simply closing the link)
+  entry -> member  end {}               (the request is over: finish your part, free its session)
+                   | cancel {}          (stop now; or simply closing the link)
 Data link (member i -> member i+1, and last -> first for the next token):
   data {rid}  then  h {last: bool, [id, lp, top]} + float32 hidden (T, H)  |  tok {id, [lp, top]}
                     |  done {reason, [id, lp, top]}
@@ -23,10 +24,18 @@ sent before the ring's own and so on its critical path, and often to the same pe
 A reporter before the last member hears of a token one or more hops later; tokens per second are the
 same. Members report after passing their own frame on, so the entry's streaming never delays a hop.
 
-Streams live for one request: the entry opens a control stream per member, each member one data
-stream to the next. An open costs ~1.6 ms median on loopback (two hosts, 60 opens, loaded box): a
-few ms of a ring's time to first token, nothing per token. Keeping a ring's streams open across
-requests would need an explicit end of request on both links instead of their closing; not done.
+Streams outlive requests (serve/links.py keeps a pool per peer): a stream whose use ended cleanly goes
+back to its opener's pool and carries a later request's control or data link, so a warm ring opens no
+stream at all (an open costs ~1.6 ms median, p90 4 ms, on loopback under load: 5-7 ms of a 3-peer
+ring's time to first token). The serving side of a stream says when its opener may reuse it, as the
+first frame after a use:
+  server -> opener  idle {}              (the handler is back at the top: the next frame starts a new use)
+  opener -> server  ping {}              (answered by idle: a stream idle for a while is probed first)
+A use ends cleanly when the control link ended with `end` (the member's session is closed before
+`idle`), or when a data link carried the ring's `done` and the receiver read it. Anything else (a
+cancel, an error, a lost neighbour) closes the stream, as a finished request did before streams were
+pooled. A member that knows no `end` or `idle` (an older version) just lets the opener's wait for
+`idle` time out, and the stream is closed.
 """
 
 from __future__ import annotations
@@ -44,9 +53,10 @@ from pydantic import (
     model_validator,
 )
 
-OPEN, READY, START, TOK, DONE, ERROR, CANCEL, DATA, HIDDEN = (
-    "open", "ready", "start", "tok", "done", "error", "cancel", "data", "h",
+OPEN, READY, START, TOK, DONE, ERROR, CANCEL, END, DATA, HIDDEN = (
+    "open", "ready", "start", "tok", "done", "error", "cancel", "end", "data", "h",
 )  # fmt: skip
+IDLE, PING = "idle", "ping"  # a pooled stream's reuse (serve/links.py)
 
 # Prompt hidden states cross the wire in chunks of this many positions, so member i+1 computes
 # chunk n while member i computes chunk n+1 (pipelined prefill), and no frame gets huge.
