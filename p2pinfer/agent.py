@@ -113,10 +113,22 @@ def run_agent(settings: Settings) -> None:
     if agent.shards.engine_busy():
         # A shard load whose caller was cancelled by the shutdown still runs in its worker thread; nothing
         # of it is needed, and interpreter exit would run tinygrad's atexit hooks under that thread's feet.
+        # Its compile workers (tinygrad's process pool) are ended first: left to find their parent gone,
+        # each printed a BrokenPipeError traceback.
+        _end_compile_workers()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _end_compile_workers() -> None:
+    try:
+        from tinygrad.engine import worker
+
+        worker.terminate_worker_pool()
+    except Exception as e:  # tinygrad's internals move between versions; exiting matters more
+        log.debug("could not end tinygrad's compile workers: %s", e)
 
 
 class Agent:

@@ -155,8 +155,9 @@ class _Linker:
     def __init__(self, cluster: Cluster, me: str) -> None:
         self.cluster, self.me = cluster, me
 
-    async def prepare(self, peers: list[str], connect_timeout: float = 10.0) -> None:
+    async def prepare(self, peers: list[str], connect_timeout: float = 10.0) -> dict:
         """In-memory links cost nothing to open: no pool to fill."""
+        return {}
 
     @asynccontextmanager
     async def open(self, peer: str, connect_timeout: float = 10.0):

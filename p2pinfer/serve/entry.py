@@ -251,7 +251,9 @@ class EntryService:
                 sampling.get("repetition_penalty", 1.0) != 1.0:  # fmt: skip
             sampling["recent"] = prompt[-PENALTY_LAST_N:].tolist()  # the last member never sees the ids
         t0 = time.monotonic()
-        await self.linker.prepare([m.peer_id for m in ring])  # streams to every member at once, if not pooled
+        # streams to every member opened side by side (none when pooled ones are idle)
+        for peer, e in (await self.linker.prepare([m.peer_id for m in ring])).items():
+            raise MemberFailed(peer, str(e))
         async with AsyncExitStack() as stack:
             controls: list[Link] = []
             for m in ring:
@@ -298,6 +300,8 @@ class EntryService:
         except LinkClosed as e:
             raise MemberFailed(link.peer, str(e)) from e
         kind = frame.header.get("t")
+        if kind == P.ERROR and frame.header.get("lost"):  # it cannot reach its neighbour: route around that one
+            raise _member_error(link.peer, frame.header)
         if kind == P.ERROR:
             failure, msg = wire_kind(frame.header.get("kind")), str(frame.header.get("msg", ""))
             if failure in ROUTE_AROUND:  # busy or out of memory there: another ring may do

@@ -158,28 +158,31 @@ class Linker:
                 with trio.CancelScope(shield=True):
                     await link.aclose()
 
-    async def prepare(self, peers: list[str], connect_timeout: float = 10.0) -> None:
+    async def prepare(self, peers: list[str], connect_timeout: float = 10.0) -> dict[str, LinkClosed]:
         """Have an idle stream ready to each of `peers` (opened side by side), so that opening their links
-        one after another costs no open each; failures are left for `open` to report."""
+        one after another costs no open each. Returns the peers no stream could be opened to, and why."""
         wanted: dict[str, int] = {}
         for p in peers:
             if p != self.self_id:
                 wanted[p] = wanted.get(p, 0) + 1
+        failed: dict[str, LinkClosed] = {}
         if self._pool is None or not wanted:
-            return
+            return failed
 
         async def ready(peer: str, n: int) -> None:
             missing = n - sum(1 for _, s, _ in self._idle.get(peer, []) if not s.ended)
             for _ in range(missing):
                 try:
                     link = await self._connect(peer, connect_timeout)
-                except LinkClosed:
+                except LinkClosed as e:
+                    failed[peer] = e
                     return
                 self._idle.setdefault(peer, []).append((trio.current_time(), link, False))
 
         async with open_nursery() as nursery:
             for peer, n in wanted.items():
                 nursery.start_soon(ready, peer, n)
+        return failed
 
     @asynccontextmanager
     async def _open_local(self, peer: str) -> AsyncIterator[Link]:

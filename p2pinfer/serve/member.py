@@ -241,7 +241,8 @@ class Member:
             self._registered.pop(req.rid, trio.Event()).set()
             self.on_change()
             if len(req.ring) > 1:  # our data link's stream, opened while the others get ready, not after start
-                await self.linker.prepare([req.peer_after()])
+                for peer, e in (await self.linker.prepare([req.peer_after()])).items():
+                    raise NeighbourLost(peer, str(e))
             await control.send({"t": P.READY})
             start = await control.recv()
             if start.header.get("t") != P.START:
