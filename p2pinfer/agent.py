@@ -208,7 +208,7 @@ class Agent:
                                      self.membership.view.records, s.upload_limit, self.membership.poke,
                                      can_fetch=s.compute, busy=lambda: self.shards.in_use())  # fmt: skip
         self.shards = ShardHost(s.memory_limit, self.membership.poke, s.capacity, prepare=self.weights.prepare)
-        self.linker = Linker(self.streams, self.peer_id)
+        self.linker = Linker(self.streams, self.peer_id, quiet_for=self.membership.quiet_for)
         self.member = Member(self.catalog, self.shards, self.linker, self.membership.poke, can_compute=s.compute,
                              resolve_model=self.weights.ensure_entry)  # fmt: skip
         self.linker.serve(self.member.handle)

@@ -127,6 +127,10 @@ class Membership:
             self.announcer.new_neighbour()
         self._neighbours = topic_peers
 
+    def quiet_for(self, peer_id: str) -> float:
+        """Seconds since a record or heartbeat of `peer_id` arrived (infinite if never)."""
+        return self.view.quiet_for(peer_id, time.monotonic())
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.gossip.run, self._validate, self.on_message)

@@ -97,6 +97,11 @@ class View:
         e = self._entries.get(peer_id)
         return e.record if e else None
 
+    def quiet_for(self, peer_id: str, now: float) -> float:
+        """Seconds since `peer_id` was last heard from (infinite if never)."""
+        e = self._entries.get(peer_id)
+        return float("inf") if e is None else now - e.received_at
+
     def records(self) -> list[PeerRecord]:
         return [e.record for e in sorted(self._entries.values(), key=lambda e: e.record.peer_id)]
 

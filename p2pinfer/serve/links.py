@@ -34,7 +34,7 @@ RING_PROTOCOL = "/p2pinfer/ring/1.0.0"
 
 POOL_PER_PEER = 8  # idle streams kept to one peer (a few concurrent requests' worth)
 POOL_IDLE_TTL = 60.0  # seconds an unused stream is kept
-PROBE_AFTER = 2.0  # a stream idle longer is pinged before reuse (its peer may have vanished meanwhile)
+PROBE_AFTER = 2.0  # a stream idle longer, to a peer not heard from for as long, is pinged before reuse
 PROBE_TIMEOUT = 2.0
 IDLE_TIMEOUT = 30.0  # how long a released stream waits for the serving side's `idle` (its request ending there)
 
@@ -90,9 +90,11 @@ class Linker:
     """Opens links by peer id (pooled streams, see above) and hands incoming ones to `handler`; links to
     ourselves stay in-process."""
 
-    def __init__(self, streams: Streams, self_id: str, handler: Handler | None = None) -> None:
+    def __init__(self, streams: Streams, self_id: str, handler: Handler | None = None,
+                 quiet_for: Callable[[str], float] = lambda peer: float("inf")) -> None:  # fmt: skip
         self.streams = streams
         self.self_id = self_id
+        self.quiet_for = quiet_for  # seconds since the peer's last gossip (membership): heard lately, alive
         self.handler: Handler | None = None
         # peer -> [(idle since, stream, used before)], newest last; `prepare` adds unused ones
         self._idle: dict[str, list[tuple[float, FramedStream, bool]]] = {}
@@ -170,14 +172,21 @@ class Linker:
             return failed
 
         async def ready(peer: str, n: int) -> None:
-            missing = n - sum(1 for _, s, _ in self._idle.get(peer, []) if not s.ended)
-            for _ in range(missing):
+            got = []  # taken (pinged if they idled a while: side by side here, not one by one in `open`)
+            for _ in range(n):
+                taken = await self._take(peer)
+                if taken is not None:
+                    got.append((taken, True))
+                    continue
                 try:
-                    link = await self._connect(peer, connect_timeout)
+                    got.append((await self._connect(peer, connect_timeout), False))
                 except LinkClosed as e:
                     failed[peer] = e
-                    return
-                self._idle.setdefault(peer, []).append((trio.current_time(), link, False))
+                    break
+            idle = self._idle.setdefault(peer, [])
+            for link, used in got:
+                self.reused -= used  # counted when `open` takes it
+                idle.append((trio.current_time(), link, used))
 
         async with open_nursery() as nursery:
             for peer, n in wanted.items():
@@ -214,7 +223,7 @@ class Linker:
             if link.ended:
                 await self._close(link)
                 continue
-            if trio.current_time() - since < PROBE_AFTER:
+            if min(trio.current_time() - since, self.quiet_for(peer)) < PROBE_AFTER:
                 self.reused += used
                 return link
             with trio.move_on_after(PROBE_TIMEOUT):
