@@ -13,10 +13,16 @@ streamed. Ratios and ms/hop are also given per round (against the same round's l
             token (k-1 hidden-state hops and the token's hop back to the first member)
 
 Run: python benchmarks/ring.py [--repeats 3] [--tokens 128] [--synthetic] [--baseline TREE] [--trace]
+     python benchmarks/ring.py --setup 40 [--baseline TREE]
 
 --baseline TREE: rings also run from another source tree (e.g. `git archive` of the commit before a
 change), in the same rounds. --trace: member.py's per-step timestamps (P2PINFER_RING_TRACE), summed up
 as the median microseconds of each stage of a hop: where the time per hop goes.
+
+--setup: what a ring costs to set up, not to decode: 3-peer rings (this tree's, and --baseline's if
+given) answer a 1-token request to "Hi" in rounds, the order alternating; each round one request after
+a 2.5 s pause (pooled streams may need a ping first) and 3 back to back. Prints median wall times and the
+ring streams each request opened (/metrics, summed over the ring's peers).
 
 --synthetic: also the synthetic ~1B-shaped Q4_0 model of benchmarks/engine.py (written once to its cache
 dir), first on one peer with no limit, then on 3 peers whose --memory-limit is a third of what the model
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -150,6 +157,54 @@ def measure(configs: list[dict], repeats: int, tokens: int) -> list[dict]:
                 for a in agents:
                     print(f"--- {a.name} log tail ---\n{a.log()[-3000:]}", file=sys.stderr)
             raise
+
+
+def _streams_opened(agents: list[AgentProcess]) -> float | None:
+    """Ring streams the agents opened so far; None from a tree that does not count them."""
+    total = None
+    for a in agents:
+        with urllib.request.urlopen(f"{a.url}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('p2pinfer_ring_streams_total{how="opened"}'):
+                    total = (total or 0.0) + float(line.split()[-1])
+    return total
+
+
+def measure_setup(trees: dict[str, Path | None], rounds: int) -> None:
+    """Ring set-up cost (--setup): 1-token requests to 3-peer rings of each tree, interleaved."""
+
+    def ask(client: openai.OpenAI) -> float:
+        t0 = time.perf_counter()
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                       temperature=0)  # fmt: skip
+        return time.perf_counter() - t0
+
+    with ExitStack() as stack:
+        rings = {}
+        for name, tree in trees.items():
+            d = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            agents = start_ring(d, 3, tree=tree)
+            stack.callback(lambda agents=agents: [a.stop() for a in agents])
+            client = openai.OpenAI(base_url=agents[-1].url + "/v1", api_key="x", timeout=900, max_retries=0)
+            ask(client), ask(client)  # shards load, pools fill
+            rings[name] = (client, agents)
+        paused = {n: [] for n in rings}
+        burst = {n: [] for n in rings}
+        opened = {n: _streams_opened(agents) for n, (_, agents) in rings.items()}
+        for r in range(rounds):
+            order = list(rings.items()) if r % 2 else list(rings.items())[::-1]
+            for n, (client, _) in order:
+                time.sleep(2.5)
+                paused[n].append(ask(client))
+            for n, (client, _) in order:
+                burst[n] += [ask(client) for _ in range(3)]
+        for n, (_, agents) in rings.items():
+            now = _streams_opened(agents)
+            streams = ("streams opened: not counted by this tree" if now is None else
+                       f"{(now - opened[n]) / (4 * rounds):.2f} streams opened per request")  # fmt: skip
+            print(f"{n}: 1-token request, 3-peer ring: after a 2.5 s pause {statistics.median(paused[n]) * 1e3:.1f} ms, "
+                  f"back to back {statistics.median(burst[n]) * 1e3:.1f} ms (medians of {rounds} and {3 * rounds}); "
+                  f"{streams}")
 
 
 def _steps(events: list) -> list[dict]:
@@ -271,7 +326,12 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="a source tree (the code before a change) whose rings run "
                     "too, each right before this tree's, so both are measured under the same load")  # fmt: skip
     ap.add_argument("--trace", action="store_true", help="per-stage times of a hop (P2PINFER_RING_TRACE)")
+    ap.add_argument("--setup", type=int, metavar="ROUNDS", help="ring set-up cost instead of decode (see above)")
     args = ap.parse_args()
+    if args.setup:
+        measure_setup({"this tree": None, **({f"baseline {args.baseline}": args.baseline} if args.baseline else {})},
+                      args.setup)  # fmt: skip
+        return
 
     def configs(model: str, peers: list[int], limit=None, extra=()) -> None:
         out = []
