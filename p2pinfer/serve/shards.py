@@ -45,7 +45,7 @@ class ShardHost:
         self.progress = LoadProgress()  # per range being loaded: gossiped as a fraction, drawn as bars
         self._held: dict[ShardKey, _Held] = {}
         self._loading: dict[ShardKey, trio.Event] = {}
-        self._engine = trio.Semaphore(1)  # one engine call at a time; released by the call's thread
+        self._engine = trio.Semaphore(1)  # one engine call at a time (compute: who gives it back)
         self._released = trio.Event()  # set (and replaced) whenever a shard's last user releases it
 
     # --- what gossip says about us ---------------------------------------
@@ -91,30 +91,38 @@ class ShardHost:
         await self._engine.acquire()
         token = trio.lowlevel.current_trio_token()
         claim = threading.Lock()
-        claimed = False  # by the thread (it runs fn, then releases) or by a cancelled caller (fn never runs)
+        state = {"ran": False, "done": False, "left": False}  # the thread started / ended fn; the caller left
 
         def call():
-            nonlocal claimed
             with claim:
-                if claimed:
+                if state["left"]:
                     return None  # abandoned before it started: the caller released the engine
-                claimed = True
+                state["ran"] = True
             try:
                 return fn(*args)
             finally:
-                try:
-                    token.run_sync_soon(self._engine.release)
-                except trio.RunFinishedError:
-                    pass  # the agent has stopped: nobody waits for the engine any more
+                with claim:
+                    state["done"] = True
+                    ours = state["left"]
+                if ours:  # the caller stopped waiting: the engine is the thread's to give back
+                    try:
+                        token.run_sync_soon(self._engine.release)
+                    except trio.RunFinishedError:
+                        pass  # the agent has stopped: nobody waits for the engine any more
 
         try:
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+            result = await trio.to_thread.run_sync(call, abandon_on_cancel=True)
         except BaseException:
             with claim:
-                if not claimed:
-                    claimed = True
-                    self._engine.release()
+                state["left"] = True
+                ours = not state["ran"] or state["done"]
+            if ours:
+                self._engine.release()
             raise
+        # The caller gives the engine back, not the thread: one wake-up of the event loop per call, not two
+        # (each costs tens of us after a forward has swept the caches, and a ring pays it at every hop).
+        self._engine.release()
+        return result
 
     async def acquire(self, entry: ModelEntry, start: int, end: int) -> Shard:
         """The shard for this range, loading it (and evicting idle ones) if needed; caller must release()."""
