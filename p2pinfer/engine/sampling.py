@@ -52,6 +52,20 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
+SORT_FIRST = 256  # tokens sorted before top_p / min_p without top_k (8x more while they could keep more)
+
+
+def _best(x: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest values, largest first, ties by index: what a stable argsort of -x
+    starts with, without sorting all of x."""
+    if k >= x.size:
+        return np.argsort(-x, kind="stable")
+    kth = np.partition(x, x.size - k)[x.size - k]  # the k-th largest value
+    above = np.flatnonzero(x > kth)
+    cand = np.concatenate([above, np.flatnonzero(x == kth)[: k - above.size]])
+    return cand[np.lexsort((cand, -x[cand]))]
+
+
 class Sampler:
     """Stateful per request: the seeded generator advances token by token, so a seed reproduces a whole run.
 
@@ -111,11 +125,23 @@ class Sampler:
         if p.temperature == 0.0:
             return int(np.argmax(logits))
         scaled = logits / p.temperature
-        order = np.argsort(-scaled, kind="stable")
+        # Tokens by probability, best first (ties: lower id first), but only as many as the cuts can keep:
+        # sorting the whole vocabulary took ~10 ms a token (SmolLM2's 49,152), twice a decode step.
         if p.top_k:
-            order = order[: p.top_k]
-        probs = np.exp(scaled[order] - scaled[order[0]])
-        probs /= probs.sum()
+            order = _best(scaled, p.top_k)
+            probs = np.exp(scaled[order] - scaled[order[0]])
+            probs /= probs.sum()
+        else:
+            weights = np.exp(scaled - scaled.max())
+            total = weights.sum()
+            m = SORT_FIRST
+            while True:
+                order = _best(scaled, m)
+                probs = weights[order] / total
+                if (order.size == scaled.size or (p.top_p < 1.0 and np.cumsum(probs)[-1] >= p.top_p)
+                        or (p.top_p == 1.0 and p.min_p > 0.0 and probs[-1] < p.min_p * probs[0])):  # fmt: skip
+                    break  # what the cuts below keep lies within these
+                m *= 8
         if p.top_p < 1.0:
             # keep the smallest prefix whose mass reaches top_p (always at least the best token)
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
