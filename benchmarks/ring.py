@@ -13,6 +13,7 @@ streamed. Ratios and ms/hop are also given per round (against the same round's l
             token (k-1 hidden-state hops and the token's hop back to the first member)
 
 Run: python benchmarks/ring.py [--repeats 3] [--tokens 128] [--synthetic] [--baseline TREE] [--trace]
+                               [--default-sampling]
      python benchmarks/ring.py --setup 40 [--baseline TREE]
 
 --baseline TREE: rings also run from another source tree (e.g. `git archive` of the commit before a
@@ -96,12 +97,15 @@ def start_ring(work: Path, peers: int, limit: str | None = None, extra: tuple[st
     return agents
 
 
+SAMPLING = {"temperature": 0}  # --default-sampling: {} (the model's defaults, as a client that sets none gets)
+
+
 def one_request(client: openai.OpenAI, tokens: int, model: str = MODEL) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     first = last = None
     n = 0
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0,
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, **SAMPLING,
         stream=True, stream_options={"include_usage": True})  # fmt: skip
     for chunk in stream:
         if chunk.usage:
@@ -326,8 +330,13 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="a source tree (the code before a change) whose rings run "
                     "too, each right before this tree's, so both are measured under the same load")  # fmt: skip
     ap.add_argument("--trace", action="store_true", help="per-stage times of a hop (P2PINFER_RING_TRACE)")
+    ap.add_argument("--default-sampling", action="store_true",
+                    help="requests set no sampling fields (the model's defaults: temperature 0.8, top_k 40, ...) "
+                    "instead of greedy")  # fmt: skip
     ap.add_argument("--setup", type=int, metavar="ROUNDS", help="ring set-up cost instead of decode (see above)")
     args = ap.parse_args()
+    if args.default_sampling:
+        SAMPLING.clear()
     if args.setup:
         measure_setup({"this tree": None, **({f"baseline {args.baseline}": args.baseline} if args.baseline else {})},
                       args.setup)  # fmt: skip
