@@ -174,7 +174,7 @@ class Linker:
         async def ready(peer: str, n: int) -> None:
             got = []  # taken (pinged if they idled a while: side by side here, not one by one in `open`)
             for _ in range(n):
-                taken = await self._take(peer)
+                taken = await self._take(peer, count=False)  # counted when `open` takes it
                 if taken is not None:
                     got.append((taken, True))
                     continue
@@ -185,7 +185,6 @@ class Linker:
                     break
             idle = self._idle.setdefault(peer, [])
             for link, used in got:
-                self.reused -= used  # counted when `open` takes it
                 idle.append((trio.current_time(), link, used))
 
         async with open_nursery() as nursery:
@@ -215,11 +214,12 @@ class Linker:
         self.opened += 1
         return link
 
-    async def _take(self, peer: str) -> FramedStream | None:
-        """The newest idle stream to `peer` that still works (probed if it idled a while), else None."""
-        idle = self._idle.get(peer, [])
-        while idle:
+    async def _take(self, peer: str, count: bool = True) -> FramedStream | None:
+        """The newest idle stream to `peer` that still works (probed if it idled a while), else None. An
+        entry leaves the pool before any wait, so no two callers get the same stream."""
+        while idle := self._idle.get(peer):
             since, link, used = idle.pop()
+            used = used and count
             if link.ended:
                 await self._close(link)
                 continue
@@ -253,15 +253,12 @@ class Linker:
         await self._close(link)
 
     async def _expire(self, before: float) -> None:
-        for peer, idle in list(self._idle.items()):
-            keep = [x for x in idle if x[0] >= before and not x[1].ended]
-            for x in idle:
-                if x not in keep:
-                    await self._close(x[1])
-            if keep:
-                self._idle[peer] = keep
-            else:
-                del self._idle[peer]
+        expired = []
+        for idle in self._idle.values():  # taken out of the pool first, closed after: no wait in between
+            expired += [link for since, link, _ in idle if since < before or link.ended]
+            idle[:] = [x for x in idle if x[0] >= before and not x[1].ended]
+        for link in expired:
+            await self._close(link)
 
     @staticmethod
     async def _close(link: FramedStream) -> None:
