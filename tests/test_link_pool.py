@@ -66,14 +66,16 @@ def test_concurrent_uses_get_their_own_streams_and_prepare_opens_side_by_side():
     async def body(linker: Linker, peer: str) -> None:
         assert await linker.prepare([peer, peer, peer]) == {}
         assert linker.opened == 3
-        held = []
+        held, all_open = [], trio.Event()
 
         async def hold(n: int) -> None:
             async with linker.open(peer) as link:
                 held.append(link)
+                if len(held) == 3:
+                    all_open.set()
                 await link.send({"t": "use", "n": n})
                 assert (await link.recv()).header == {"t": "ack", "n": n}
-                await trio.sleep(0.2)  # the three uses overlap
+                await all_open.wait()  # no use ends before all three have their links
                 link.reusable = True
 
         async with trio.open_nursery() as nursery:

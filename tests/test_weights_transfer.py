@@ -224,43 +224,36 @@ def test_corrupted_chunks_are_detected_and_avoided(cluster, embedded, reference,
 
 
 @pytest.mark.slow
-def test_a_holder_dropped_mid_transfer_leaves_its_chunks_to_the_others(tmp_path, embedded, reference):
+def test_a_holder_dropped_mid_transfer_leaves_its_chunks_to_the_others(agents, embedded, reference):
     """Two holders (gateways with the file, 8 MB/s each) and a fresh peer that fetches the whole model
     from both: one holder is killed halfway, the fetch finishes from the other, the answer is right."""
     secret = new_secret()
-    started: list[AgentProcess] = []
 
     def start(name, *args):
-        x = AgentProcess(tmp_path, name, *args, secret_hex=secret).start()
-        started.append(x)
-        return x
+        return agents(name, *args, secret_hex=secret)
 
-    try:
-        h1 = start("h1", "--no-compute", "--upload-limit", "8M")
-        h1.wait_ready()
-        h2 = start("h2", "--no-compute", "--upload-limit", "8M", "--bootstrap", h1.addr)
-        f = start("f", "--no-local-models", "--no-preload", "--bootstrap", h1.addr)
-        h2.wait_ready()
-        f.wait_ready()
-        h2_id = h2.peer_id
-        wait_for(lambda: sum(bool(p["weights"]) for p in f.get("/v1/cluster")["peers"]) == 2, 60,
-                 what="f to see both holders' weights")  # fmt: skip
-        answers: list[str] = []
-        t = threading.Thread(target=lambda: answers.append(chat(f)), daemon=True)
-        t.start()
+    h1 = start("h1", "--no-compute", "--upload-limit", "8M")
+    h1.wait_ready()
+    h2 = start("h2", "--no-compute", "--upload-limit", "8M", "--bootstrap", h1.addr)
+    f = start("f", "--no-local-models", "--no-preload", "--bootstrap", h1.addr)
+    h2.wait_ready()
+    f.wait_ready()
+    h2_id = h2.peer_id
+    wait_for(lambda: sum(bool(p["weights"]) for p in f.get("/v1/cluster")["peers"]) == 2, 60,
+             what="f to see both holders' weights")  # fmt: skip
+    answers: list[str] = []
+    t = threading.Thread(target=lambda: answers.append(chat(f)), daemon=True)
+    t.start()
 
-        def halfway():
-            fetching = own_record(f)["fetching"]
-            return fetching and fetching[0][3] >= 0.3 * fetching[0][4]
+    def halfway():
+        fetching = own_record(f)["fetching"]
+        return fetching and fetching[0][3] >= 0.3 * fetching[0][4]
 
-        wait_for(halfway, 120, interval=0.05, what="f a third through its fetch")
-        h2.proc.send_signal(signal.SIGKILL)
-        h2.proc.wait()
-        t.join(300)
-        assert answers == [reference]
-        log = f.log()
-        assert f"fetching smollm2-135m from {h2_id} stopped" in log
-        assert re.search(r"fetched smollm2-135m parts .* from 2 peer\(s\)", log)
-    finally:
-        for x in started:
-            x.stop()
+    wait_for(halfway, 120, interval=0.05, what="f a third through its fetch")
+    h2.proc.send_signal(signal.SIGKILL)
+    h2.proc.wait()
+    t.join(300)
+    assert answers == [reference]
+    log = f.log()
+    assert f"fetching smollm2-135m from {h2_id} stopped" in log
+    assert re.search(r"fetched smollm2-135m parts .* from 2 peer\(s\)", log)
