@@ -153,9 +153,10 @@ class Membership:
                     self.keeper.forget(pid)
                     self.changed_at = time.monotonic()
                 wait = min(MAX_WAKE, self.announcer.next_due() - time.monotonic())
-                if wait > 0:
-                    with trio.move_on_after(wait):
-                        await self._changed.wait()
+                # Always a checkpoint, even with nothing to wait for: a loop that never yields takes the
+                # thread from every other task and can never be cancelled.
+                with trio.move_on_after(max(wait, 0)):
+                    await self._changed.wait()
 
     def _probe_quiet_connections(self, nursery: trio.Nursery, now: float) -> None:
         """A directly connected peer whose records stopped for half the TTL may sit on a connection

@@ -214,6 +214,14 @@ def test_announcer_sends_full_record_then_heartbeats_then_full_on_change():
     assert FULL_INTERVAL - 2 < t < FULL_INTERVAL + 3  # refreshed every ~30 s
 
 
+def test_announcer_after_leave_sends_nothing_and_is_never_due():
+    # a loop that waits for next_due would spin without yielding if it stayed in the past
+    a = announcer(1)
+    a.tick(0.0)
+    a.poke()
+    a.leave(0.5)
+    assert a.tick(100.0) == [] and a.next_due() == float("inf")
+
 def test_unknown_heartbeat_leads_to_a_want_and_a_republished_record():
     a, b = announcer(1), announcer(2)
     a_full = a.tick(0.0)[0]

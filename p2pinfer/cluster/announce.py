@@ -23,6 +23,7 @@ us republish.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -119,7 +120,9 @@ class Announcer:
         self._full_wanted = True
 
     def next_due(self) -> float:
-        """When `tick` next has something to send (it may be in the past)."""
+        """When `tick` next has something to send (it may be in the past; never, once we have left)."""
+        if self.leaving:
+            return math.inf
         due = [self._next_heartbeat, self._last_full + FULL_INTERVAL]
         if self._full_wanted:
             due.append(self._last_full + MIN_FULL_GAP)
