@@ -127,6 +127,8 @@ class Sampler:
         scaled = logits / p.temperature
         # Tokens by probability, best first (ties: lower id first), but only as many as the cuts can keep:
         # sorting the whole vocabulary took ~10 ms a token (SmolLM2's 49,152), twice a decode step.
+        if not p.top_k and p.top_p == 1.0 and p.min_p == 0.0:
+            return self._draw_uncut(scaled)
         if p.top_k:
             order = _best(scaled, p.top_k)
             probs = np.exp(scaled[order] - scaled[order[0]])
@@ -150,3 +152,17 @@ class Sampler:
             keep = int(np.count_nonzero(probs >= p.min_p * probs[0]))  # probs are sorted: a prefix
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         return int(order[self.rng.choice(len(order), p=probs)])
+
+    def _draw_uncut(self, scaled: np.ndarray) -> int:
+        """Temperature alone: draw first (the one number rng.choice would draw), then sort only as far down
+        as the draw reaches; the same pick as choosing over the whole vocabulary sorted."""
+        weights = np.exp(scaled - scaled.max())
+        total = weights.sum()
+        u = self.rng.random()
+        m = SORT_FIRST
+        while True:
+            order = _best(scaled, m)
+            cdf = np.cumsum(weights[order]) / total
+            if cdf[-1] > u or order.size == scaled.size:
+                return int(order[min(int(np.searchsorted(cdf, u, side="right")), order.size - 1)])
+            m *= 8
