@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -131,3 +133,33 @@ def end_child(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 def new_secret() -> str:
     return secrets.token_hex(32)
+
+
+@contextmanager
+def three_peers_and_a_keyed_gateway(work: Path, memory_limit: str, api_key: str,
+                                    ready_timeout: float = 60.0) -> Iterator[dict[str, AgentProcess]]:  # fmt: skip
+    """Computing peers a, b, c (b and c bootstrapped from a) whose memory limit decides the ring, and a
+    --no-compute gateway "gw" that asks for `api_key`; all stopped on exit. The caller waits for the views
+    it needs."""
+    secret = new_secret()
+    started: list[AgentProcess] = []
+
+    def start(name, *args):
+        a = AgentProcess(work, name, *args, secret_hex=secret).start()
+        started.append(a)
+        return a
+
+    try:
+        a = start("a", "--memory-limit", memory_limit)
+        a.wait_ready(ready_timeout)
+        b = start("b", "--memory-limit", memory_limit, "--bootstrap", a.addr)
+        c = start("c", "--memory-limit", memory_limit, "--bootstrap", a.addr)
+        key_file = work / "api.key"
+        key_file.write_text(api_key + "\n")
+        gw = start("gw", "--no-compute", "--api-key-file", str(key_file), "--bootstrap", a.addr)
+        for x in (b, c):
+            x.wait_ready(ready_timeout)
+        yield {"a": a, "b": b, "c": c, "gw": gw}
+    finally:
+        for x in started:
+            x.stop()

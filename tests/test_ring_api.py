@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.harness import AgentProcess, new_secret, wait_for
+from tests.harness import AgentProcess, three_peers_and_a_keyed_gateway, wait_for
 
 MODEL = "smollm2-135m"
 LIMIT = "100M"  # SmolLM2 needs ~220 MB with KV headroom (packed weights): three such peers, not two
@@ -23,34 +23,14 @@ API_KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Three computing peers whose memory limit forces a three-peer ring, plus a keyed gateway."""
-    work = tmp_path_factory.mktemp("ring")
-    secret = new_secret()
-    started: list[AgentProcess] = []
-
-    def start(name, *args):
-        a = AgentProcess(work, name, *args, secret_hex=secret).start()
-        started.append(a)
-        return a
-
-    try:
-        a = start("a", "--memory-limit", LIMIT)
-        a.wait_ready()
-        b = start("b", "--memory-limit", LIMIT, "--bootstrap", a.addr)
-        c = start("c", "--memory-limit", LIMIT, "--bootstrap", a.addr)
-        key_file = work / "api.key"
-        key_file.write_text(API_KEY + "\n")
-        gw = start("gw", "--no-compute", "--api-key-file", str(key_file), "--bootstrap", a.addr)
-        for x in (b, c):
-            x.wait_ready()
+    with three_peers_and_a_keyed_gateway(tmp_path_factory.mktemp("ring"), LIMIT, API_KEY) as agents:
+        a, b, c, gw = agents["a"], agents["b"], agents["c"], agents["gw"]
         gw_id = wait_for(lambda: gw.get("/health", headers={"Authorization": f"Bearer {API_KEY}"}), 60,
                          what="gateway health")["peer_id"]  # fmt: skip
         ids = {a.peer_id, b.peer_id, c.peer_id, gw_id}
         for x in (a, b, c):
             wait_for(lambda x=x: x.view() == ids, 20, what=f"{x.name} to see all four")
-        yield {"a": a, "b": b, "c": c, "gw": gw}
-    finally:
-        for x in started:
-            x.stop()
+        yield agents
 
 
 @pytest.fixture(scope="module")

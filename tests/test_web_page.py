@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import AgentProcess, new_secret, wait_for
+from tests.harness import AgentProcess, three_peers_and_a_keyed_gateway, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 MODEL = "smollm2-135m"
@@ -29,24 +29,8 @@ if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("page")
-    secret = new_secret()
-    started: list[AgentProcess] = []
-
-    def start(name, *args):
-        a = AgentProcess(work, name, *args, secret_hex=secret).start()
-        started.append(a)
-        return a
-
-    try:
-        a = start("a", "--memory-limit", LIMIT)
-        a.wait_ready(120)
-        b = start("b", "--memory-limit", LIMIT, "--bootstrap", a.addr)
-        c = start("c", "--memory-limit", LIMIT, "--bootstrap", a.addr)
-        key_file = work / "api.key"
-        key_file.write_text(API_KEY + "\n")
-        gw = start("gw", "--no-compute", "--api-key-file", str(key_file), "--bootstrap", a.addr)
-        for x in (b, c):
-            x.wait_ready(120)
+    with three_peers_and_a_keyed_gateway(work, LIMIT, API_KEY, ready_timeout=120) as agents:
+        a, b, c = agents["a"], agents["b"], agents["c"]
         ids = {a.peer_id, b.peer_id, c.peer_id}
         wait_for(lambda: ids <= a.view(), 60, what="a to see all peers")
 
@@ -58,10 +42,7 @@ def cluster(tmp_path_factory):
 
         for x in (a, b):
             wait_for(lambda x=x: ready_to_compute(x), 90, what=f"{x.name} to see 3 computing peers")
-        yield {"a": a, "b": b, "c": c, "gw": gw, "work": work}
-    finally:
-        for x in started:
-            x.stop()
+        yield {**agents, "work": work}
 
 
 def until(predicate, timeout: float, what: str):
