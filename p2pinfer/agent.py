@@ -216,7 +216,8 @@ class Agent:
                                   s.capacity)  # fmt: skip
         self.metrics = Metrics()
         self.metrics.watch(lambda: len(self.membership.view.records()), lambda: dict(TRAFFIC),
-                           lambda: {"opened": self.linker.opened, "reused": self.linker.reused})
+                           lambda: {"opened": self.linker.opened, "reused": self.linker.reused},
+                           lambda: {str(n): c for n, c in sorted(self.shards.step_rows.items())})
         self.generator = Generator(self.catalog, self.entry, self.metrics, s.model, s.routing,
                                    resolve_model=self.weights.ensure_entry)  # fmt: skip
         self.openai = OpenAIRoutes(self.generator, self.served_models)

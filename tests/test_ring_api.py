@@ -146,10 +146,19 @@ def test_four_concurrent_streams_complete(cluster, reference):
     async def amain():
         await asyncio.gather(*(one(i) for i in range(4)))
 
+    before = sum(_carried_several(x) for x in (cluster["a"], cluster["b"], cluster["c"]))
     asyncio.run(amain())
     assert len(results) == 4
+    # the members stepped sessions together (continuous batching), and every answer is what it is alone
+    assert sum(_carried_several(x) for x in (cluster["a"], cluster["b"], cluster["c"])) > before
     for i, text in results.items():
         assert text == reference[PROMPTS[i % len(PROMPTS)]], (i, text)
+
+
+def _carried_several(agent: AgentProcess) -> float:
+    """Decode steps of this peer that carried more than one session (/metrics)."""
+    steps = _counters(agent, "p2pinfer_decode_steps")
+    return sum(v for k, v in steps.items() if int(k) > 1)
 
 
 def _post(agent: AgentProcess, path: str, body: bytes, key: str | None = None) -> tuple[int, dict]:

@@ -64,6 +64,51 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
+def _qkv(cfg: ModelConfig, w: dict[str, Tensor | QTensor], x: Tensor, cos: Tensor, sin: Tensor):
+    """x (T, hidden) -> q (H, T, hd), k (KV, T, hd) after rotary, v (KV, T, hd)."""
+    T = x.shape[0]
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h = rms_norm(x, w["attn_norm"], cfg.rms_eps)
+    q = linear(h, w["q"], w.get("q_bias")).reshape(T, H, hd)
+    k = linear(h, w["k"], w.get("k_bias")).reshape(T, KV, hd)
+    v = linear(h, w["v"], w.get("v_bias")).reshape(T, KV, hd)
+    if cfg.qk_norm:  # qwen3 normalises each head before rotary
+        q, k = rms_norm(q, w["q_norm"], cfg.rms_eps), rms_norm(k, w["k_norm"], cfg.rms_eps)
+    return apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1)
+
+
+def _attend(cfg: ModelConfig, q: Tensor, k: Tensor, v: Tensor, cache: Tensor, start_pos: int | UOp,
+            mask: Tensor | None) -> Tensor:  # fmt: skip
+    """Store k, v (KV, T, hd) at [start_pos, start_pos+T) of cache and attend q (H, T, hd) over it: (T, H*hd)."""
+    T = q.shape[1]
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    store = cache[:, :, start_pos : start_pos + T, :].uop.store(Tensor.stack(k, v).cast(cache.dtype).uop)
+    kv = Tensor(cache.uop.after(store))
+    if not isinstance(start_pos, int):  # causal attention over the cache as one native kernel (native.py)
+        from tinygrad.helpers import NUM_CPU_THREADS
+
+        attn = native.attention(q.reshape(H * T * hd).contiguous(), kv, start_pos, H, KV, hd, 1.0 / math.sqrt(hd),
+                                max(1, NUM_CPU_THREADS.value), T)  # fmt: skip
+        if attn is not None:
+            return attn.reshape(T, H * hd)
+    keys, values = kv[0, :, 0 : start_pos + T, :], kv[1, :, 0 : start_pos + T, :]
+    if keys.dtype != dtypes.float32:
+        keys, values = keys.float(), values.float()
+    # grouped-query attention without repeating K/V: query heads of a group share one KV head
+    group = H // KV
+    scores = (q.reshape(KV, group * T, hd) @ keys.transpose(1, 2)) * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        scores = (scores.reshape(KV, group, T, -1) + mask).reshape(KV, group * T, -1)
+    return (scores.softmax(-1) @ values).reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
+
+
+def _finish(cfg: ModelConfig, w: dict[str, Tensor | QTensor], x: Tensor, attn: Tensor) -> Tensor:
+    x = x + linear(attn, w["o"])
+    h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
+    ff = linear(linear(h, w["gate"]).silu() * linear(h, w["up"]), w["down"])
+    return (x + ff).contiguous()
+
+
 def transformer_block(
     cfg: ModelConfig,
     w: dict[str, Tensor | QTensor],
@@ -75,47 +120,25 @@ def transformer_block(
     mask: Tensor | None,
 ) -> Tensor:
     """One decoder layer on x (T, hidden); cache is this layer's (2, n_kv, capacity, head_dim) KV buffer."""
-    T = x.shape[0]
-    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    h = rms_norm(x, w["attn_norm"], cfg.rms_eps)
-    q = linear(h, w["q"], w.get("q_bias")).reshape(T, H, hd)
-    k = linear(h, w["k"], w.get("k_bias")).reshape(T, KV, hd)
-    v = linear(h, w["v"], w.get("v_bias")).reshape(T, KV, hd)
-    if cfg.qk_norm:  # qwen3 normalises each head before rotary
-        q, k = rms_norm(q, w["q_norm"], cfg.rms_eps), rms_norm(k, w["k_norm"], cfg.rms_eps)
-    q = apply_rope(q.transpose(0, 1), cos, sin)  # (H, T, hd)
-    k = apply_rope(k.transpose(0, 1), cos, sin)  # (KV, T, hd)
-    v = v.transpose(0, 1)
+    q, k, v = _qkv(cfg, w, x, cos, sin)
+    return _finish(cfg, w, x, _attend(cfg, q, k, v, cache, start_pos, mask))
 
-    # write this chunk's K/V at [start_pos, start_pos+T) and read back everything up to it
-    store = cache[:, :, start_pos : start_pos + T, :].uop.store(Tensor.stack(k, v).cast(cache.dtype).uop)
-    kv = Tensor(cache.uop.after(store))
-    keys, values = kv[0, :, 0 : start_pos + T, :], kv[1, :, 0 : start_pos + T, :]
-    if keys.dtype != dtypes.float32:
-        keys, values = keys.float(), values.float()
 
-    if not isinstance(start_pos, int):  # causal attention over the cache as one native kernel (native.py)
-        from tinygrad.helpers import NUM_CPU_THREADS
-
-        attn = native.attention(q.reshape(H * T * hd), kv, start_pos, H, KV, hd, 1.0 / math.sqrt(hd),
-                                max(1, NUM_CPU_THREADS.value), T)  # fmt: skip
-        if attn is not None:
-            x = x + linear(attn.reshape(T, H * hd), w["o"])
-            h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
-            ff = linear(linear(h, w["gate"]).silu() * linear(h, w["up"]), w["down"])
-            return (x + ff).contiguous()
-
-    # grouped-query attention without repeating K/V: query heads of a group share one KV head
-    group = H // KV
-    scores = (q.reshape(KV, group * T, hd) @ keys.transpose(1, 2)) * (1.0 / math.sqrt(hd))
-    if mask is not None:
-        scores = (scores.reshape(KV, group, T, -1) + mask).reshape(KV, group * T, -1)
-    attn = (scores.softmax(-1) @ values).reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)
-    x = x + linear(attn, w["o"])
-
-    h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
-    ff = linear(linear(h, w["gate"]).silu() * linear(h, w["up"]), w["down"])
-    return (x + ff).contiguous()
+def transformer_block_rows(
+    cfg: ModelConfig,
+    w: dict[str, Tensor | QTensor],
+    x: Tensor,
+    caches: list[Tensor],
+    starts: list[UOp],
+    cos: Tensor,
+    sin: Tensor,
+) -> Tensor:
+    """One decoder layer on B rows of x (B, hidden), row b the next position of its own session (KV cache
+    caches[b], position starts[b]): the matrices are read once for all rows, attention runs per row."""
+    q, k, v = _qkv(cfg, w, x, cos, sin)
+    rows = [_attend(cfg, q[:, b : b + 1], k[:, b : b + 1], v[:, b : b + 1], c, s, None)
+            for b, (c, s) in enumerate(zip(caches, starts, strict=True))]  # fmt: skip
+    return _finish(cfg, w, x, rows[0].cat(*rows[1:], dim=0))
 
 
 WeightSignature = tuple  # ((name, kind, shape, part names), ...): layers with equal signatures share kernels
@@ -185,6 +208,20 @@ class LayerStack:
         mask = None if T == 1 else Tensor.full((T, start_pos + T), float("-inf")).triu(start_pos + 1)
         y = transformer_block(self.cfg, unflatten_layer(sig, weights), x, cache, start_pos, cos, sin, mask)
         return out.assign(y)
+
+    def layer_step_rows(self, sig: WeightSignature, x: Tensor, out: Tensor, *args) -> Tensor:
+        """out <- layer(x) for B rows of B sessions: args are B KV caches, B bound positions, the weights."""
+        B = x.shape[0]
+        caches, starts, weights = list(args[:B]), list(args[B : 2 * B]), args[2 * B]
+        cos = self.cos[starts[0] : starts[0] + 1].cat(*[self.cos[s : s + 1] for s in starts[1:]])
+        sin = self.sin[starts[0] : starts[0] + 1].cat(*[self.sin[s : s + 1] for s in starts[1:]])
+        y = transformer_block_rows(self.cfg, unflatten_layer(sig, weights), x, caches, starts, cos, sin)
+        return out.assign(y)
+
+    def head_step_rows(self, sig: WeightSignature, x: Tensor, weights: list) -> Tensor:
+        """x (B, hidden) -> logits (B, vocab) of every row."""
+        w = unflatten_layer(sig, weights)
+        return linear(rms_norm(x, w["norm"], self.cfg.rms_eps), w["head"])
 
     def head_weights(self) -> dict[str, Tensor | QTensor]:
         return {"norm": self.final_norm, "head": self.lm_head}

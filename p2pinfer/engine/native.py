@@ -166,6 +166,70 @@ def c_source(name: str, qt, n: int, k: int, slots: list[str], slices: int) -> st
     return "\n".join(lines) + "\n"
 
 
+# 1 < T <= ROWS_MAX_T (a decode step of several sessions): each dequantised block serves every x row, and each
+# (weight row, x row) accumulates in exactly the order of the T=1 body, so a session's output in a batch equals,
+# bit for bit, what it gets alone (greedy answers do not depend on who else is decoding)
+ROWS_MAX_T = 8
+
+
+def c_source_rows(name: str, qt, n: int, k: int, t: int, slots: list[str], slices: int) -> str:
+    """C source of `name`: y[T, N] = x[T, K] W[N, K]^T for rows of slice core_id, each row of x as c_source."""
+    nb = k // 32
+    lines = [
+        "#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif",
+        _PRELUDE,
+        f"void {name}({_params(qt, slots)}) {{",
+    ]
+    if qt in _TABLE:
+        vals = ", ".join(f"{i + _TABLE[qt]}.0f" for i in range(16))
+        lines.append(f"#if defined(__AVX512F__)\n  const __m512 tbl = _mm512_setr_ps({vals});\n#endif")
+    lines.append(
+        f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});"
+    )
+    if qt == Q.Q4_1:
+        lines.append(f"  float xs[{t}][{nb}];")
+        lines.append(
+            f"  for (int i = 0; i < {t}; i++) for (int b = 0; b < {nb}; b++)"
+            f" xs[i][b] = hsum(ldx(x + i * {k} + b * 32) + ldx(x + i * {k} + b * 32 + 16));"
+        )
+    lines.append("  for (int r = r0; r < r1; r++) {")
+    lines.append(f"    const long bp0 = (long)r * {nb};")
+    for i in range(t):
+        lines.append(f"    f32x16 acc0_{i} = {{0}};" + (f" float macc0_{i} = 0.0f;" if qt == Q.Q4_1 else ""))
+    lines.append(f"    for (int b = 0; b < {nb}; b++) {{")
+    if PREFETCH:
+        qb = 32 if qt == Q.Q8_0 else 16
+        lines.append(f"      __builtin_prefetch((const char *)qs + (bp0 + b) * {qb} + {PREFETCH});")
+    avx512 = PERMUTE and qt in _BLOCK_AVX512
+
+    def block(template: str, half_to_float: str) -> list[str]:
+        # the T=1 block's dequantisation once, then its accumulation for each x row (xl{i}, xh{i}, xs[i])
+        out = [template.split("acc{j} +=", 1)[0].format(j=0).rstrip()]
+        for i in range(t):
+            out.append(f"        acc0_{i} += d[bp0 + b] * (lo * xl{i} + hi * xh{i});")
+            if qt == Q.Q4_1:
+                out.append(f"        macc0_{i} += {half_to_float}(m[bp0 + b]) * xs[{i}][b];")
+        out.append("      }")
+        return out
+
+    for i in range(t):
+        lines.append(f"      f32x16 xl{i} = ldx(x + {i * k} + b * 32), xh{i} = ldx(x + {i * k} + b * 32 + 16);")
+    if avx512:
+        lines.append("#if defined(__AVX512F__)")
+        lines.extend(block(_BLOCK_AVX512[qt], "_cvtsh_ss"))
+        lines.append("#else")
+    lines.extend(block(_BLOCK[qt], "h2f"))
+    if avx512:
+        lines.append("#endif")
+    lines.append("    }")
+    for i in range(t):
+        tail = f" + macc0_{i}" if qt == Q.Q4_1 else ""
+        lines.append(f"    out[{i * n} + r] = hsum(acc0_{i}){tail};")
+    lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 # T > 1 (prefill): one block of a weight row is dequantised once into two scaled float vectors and used for TILE
 # rows of x (TILE accumulators), instead of once per x row
 TILE = 8
@@ -461,6 +525,8 @@ def program_for(ast, renderer, qt, n: int, k: int, slots: list[str], t: int = 1)
             return c_source_q6k(info.function_name, n, k, slots, slices)
         if t == 1:
             return c_source(info.function_name, qt, n, k, slots, slices)
+        if t <= ROWS_MAX_T:
+            return c_source_rows(info.function_name, qt, n, k, t, slots, slices)
         return c_source_batched(info.function_name, qt, n, k, t, slots, slices)
 
     if not info.vars:  # one slice: still take core_id (always 0 here) so one body serves both
@@ -562,7 +628,8 @@ def attention(
     ):
         return None
     positions = kv.shape[2]
-    key = (heads, kv_heads, head_dim, positions, scale, threads, t, q.device)
+    var = start_pos.unbind()[0].expr  # the kernel reads its position by name: a batch has one per session
+    key = (heads, kv_heads, head_dim, positions, scale, threads, t, q.device, var)
     if key not in _ATTN:
         try:
             _ATTN[key] = _attention_program(
@@ -647,13 +714,14 @@ def _attention_program(device, start_pos, heads, kv_heads, head_dim, positions, 
     for p in m.group(2).split(","):
         pname = p.strip().split()[-1]
         slot = int(re.match(r"data(\d+)_", pname).group(1))
-        if slot in var_names:
-            params.append(f"const int {var_names[slot]}")
+        if slot in var_names:  # the position variable's name varies (one per session of a batch); its role not
+            params.append("const int core_id" if var_names[slot] == "core_id" else "const int start_pos")
         else:
             params.append(
                 ("float* restrict " if slots[slot] == "out" else "const float* restrict ") + slots[slot]
             )
-    if sorted(var_names.values()) not in (["start_pos"], ["core_id", "start_pos"]):
+    positions_vars = [v for v in var_names.values() if v != "core_id"]
+    if len(positions_vars) != 1 or not positions_vars[0].startswith("start_pos"):
         raise RuntimeError(f"unexpected kernel variables {var_names}")
     slices = int(info.global_size[0]) if "core_id" in var_names.values() else 1
     if slices == 1 and "core_id" not in var_names.values():

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CONTEXT = 4096  # KV capacity per session unless the caller asks for more (up to the model's)
 WARM_CAPACITY = 2048  # the KV class warmed at load: what a request without max_tokens gets (others capture on use)
 PREFILL_CHUNK = 32  # prefill runs in padded chunks of this many positions: one JIT serves every prompt length
+MAX_ROWS = 8  # sessions one decode step can carry (forward_rows)
+# a step of n sessions runs the plan of the next of these counts (kernels captured on first use, ~1.5-2.5 s
+# each here), its spare rows repeating the first session: same inputs, so the same bytes written to the same
+# KV position, and outputs that are dropped
+ROW_PLANS = (2, 4, 8)
 
 # progress(stage, done, total) while a shard loads: stage "load" counts bytes of weights read (of
 # ModelEntry.shard_bytes), stage "warm" counts captured step templates (each one's kernels generated and
@@ -165,6 +170,7 @@ class Shard:
         self._plans: dict[int, _StepPlan] = {}
         self._v_start = UOp.variable("start_pos", 0, self.max_context)
         self._v_last = UOp.variable("last_row", 0, self.prefill_chunk - 1)
+        self._v_starts = [UOp.variable(f"start_pos_{b}", 0, self.max_context) for b in range(MAX_ROWS)]
 
     def kv_bytes_for(self, capacity: int) -> int:
         return (self.end - self.start) * self.entry.kv_bytes_per_token_per_layer * (capacity + self.prefill_chunk)
@@ -237,6 +243,47 @@ class Shard:
             out = head.ret
         return _StepPlan(kernels, bufs[0], out)
 
+    def _rows_plan(self, rows: int, capacity: int) -> _StepPlan:
+        """The decode step for `rows` sessions at once over KV of `capacity` (each its own KV and position)."""
+        plan = self._plans.get(("rows", rows, capacity))
+        if plan is not None:
+            return plan
+        if rows not in self._act:
+            self._act[rows] = tuple(Tensor.zeros(rows, self.hidden_size).contiguous().realize() for _ in range(2))
+        scratch = [f"__warmup_{b}__" for b in range(rows)]  # distinct buffers: a JIT input may not repeat
+        for sid in scratch:
+            self._open(sid, capacity)
+        try:
+            with Context(BEAM=self.beam, NUM_CPU_THREADS=self.threads):
+                plan = self._capture_rows(rows, [self._sessions[sid] for sid in scratch])
+            self._plans["rows", rows, capacity] = plan
+        finally:
+            for sid in scratch:
+                self.close_session(sid)
+        return plan
+
+    def _capture_rows(self, rows: int, scratch: list[_Session]) -> _StepPlan:
+        kernels = KernelPlan(self.threads)
+        templates: dict = {}
+        bufs = self._act[rows]
+        starts = [v.bind(0) for v in self._v_starts[:rows]]
+        for i, w in enumerate(self._layers):
+            src, dst = bufs[i % 2], bufs[(i + 1) % 2]
+            sig, flat = layer_signature(w), flatten_layer(w)
+            if sig not in templates:
+                # JIT slots: 0 src, 1 dst, 2.. the sessions' KV caches, then the layer's weights
+                templates[sig] = self._template(functools.partial(self._stack.layer_step_rows, sig), src, dst,
+                                                *[s.caches[i] for s in scratch], *starts, flat)  # fmt: skip
+            kernels.add(templates[sig], {0: src, 1: dst, **{2 + rows + k: v for k, v in enumerate(flat)}})
+        out = bufs[len(self._layers) % 2]
+        if self.is_last:
+            w = self._stack.head_weights()
+            sig, flat = layer_signature(w), flatten_layer(w)
+            head = self._template(functools.partial(self._stack.head_step_rows, sig), out, flat)
+            kernels.add(head, {0: out, **{1 + k: v for k, v in enumerate(flat)}})
+            out = head.ret
+        return _StepPlan(kernels, bufs[0], out, rows)
+
     def _template(self, fn, *args) -> StepTemplate:
         """Capture a step function (schedule, generate and compile its kernels; compiled kernels come from
         tinygrad's disk cache when it has them) and read it into a kernel table template.
@@ -254,7 +301,7 @@ class Shard:
 
     # ---- sessions ------------------------------------------------------------------------------------
     def _kv_bytes_in_use(self) -> int:
-        return sum(self.kv_bytes_for(s.capacity) for sid, s in self._sessions.items() if sid != "__warmup__")
+        return sum(self.kv_bytes_for(s.capacity) for sid, s in self._sessions.items() if not sid.startswith("__warmup"))
 
     def open_session(self, sid: str, max_tokens: int) -> None:
         if sid in self._sessions:
@@ -359,13 +406,53 @@ class Shard:
         return np.ascontiguousarray(np.concatenate(outputs) if len(outputs) > 1 else outputs[0])
 
 
+    def forward_rows(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray | EngineError]:
+        """One decode step for several sessions: items are (session, its next position: one token id on the
+        first shard, a (1, hidden) row after). Each weight is read once for all of them, and each session's
+        output equals, bit for bit, what forward would return for it alone. Returns per item its output (as
+        forward's) or the EngineError that item alone raised (unknown session, context full, bad input)."""
+        results: list = [None] * len(items)
+        groups: dict[int, list[tuple[int, _Session, np.ndarray]]] = {}
+        seen: set[str] = set()
+        for n, (sid, x) in enumerate(items):
+            try:
+                if sid in seen:
+                    raise EngineError(f"session {sid!r} appears twice in one step")
+                seen.add(sid)
+                s = self._session(sid)
+                hidden = self._as_hidden(x)
+                if hidden.shape[0] != 1:
+                    raise EngineError(f"forward_rows takes one position per session, got {hidden.shape[0]}")
+                if s.position + 1 > s.max_tokens:
+                    raise ContextLimitError(f"session {sid!r}: {s.position} + 1 tokens exceed its limit of {s.max_tokens}")
+            except EngineError as e:
+                results[n] = e
+                continue
+            groups.setdefault(s.capacity, []).append((n, s, hidden))
+        for capacity, group in groups.items():  # a plan's KV length is fixed: one step per capacity class
+            for lo in range(0, len(group), MAX_ROWS):
+                part = group[lo : lo + MAX_ROWS]
+                if len(part) == 1:
+                    plan = self._plan(1, capacity)
+                else:
+                    plan = self._rows_plan(next(r for r in ROW_PLANS if r >= len(part)), capacity)
+                spare = [part[0]] * (max(plan.rows, 1) - len(part))
+                out = plan.run_rows([s for _, s, _ in part + spare], np.concatenate([h for _, _, h in part + spare]))
+                for b, (n, s, _) in enumerate(part):
+                    s.position += 1
+                    results[n] = out[b].copy() if self.is_last else out[b : b + 1].copy()
+        return results
+
+
 class _StepPlan:
     """A step's KernelPlan plus its host-visible input and output: per call only the session and positions change."""
 
-    def __init__(self, kernels: KernelPlan, x: Tensor, out: Tensor):
+    def __init__(self, kernels: KernelPlan, x: Tensor, out: Tensor, rows: int = 0):
         self.kernels = kernels
         self.x, self.out = _host_view(x), _host_view(out)
+        self.rows = rows  # > 0: a step of `rows` sessions (run_rows)
         self._bound = lambda: None  # weak: a closed session's KV must not stay alive through the plan
+        self._bound_rows: tuple = ()
 
     def run(self, s: _Session, rows: np.ndarray, last_row: int = 0) -> np.ndarray:
         if self._bound() is not s:  # instance i is layer i; its slot 2 is that layer's KV cache
@@ -377,5 +464,23 @@ class _StepPlan:
         self.x[m:] = 0.0
         self.kernels.set_var("start_pos", s.position)
         self.kernels.set_var("last_row", last_row)
+        self.kernels.run()
+        return self.out
+
+    def run_rows(self, sessions: list[_Session], rows: np.ndarray) -> np.ndarray:
+        """One position for each session (row b for sessions[b]); a plan of 1 row is the plain decode step."""
+        if not self.rows:
+            return self.run(sessions[0], rows).reshape(1, -1)
+        same = len(self._bound_rows) == len(sessions) and all(
+            r() is s for r, s in zip(self._bound_rows, sessions, strict=True)
+        )
+        if not same:  # slot 2 + b of layer i: session b's KV
+            for i in range(len(sessions[0].caches)):
+                for b, s in enumerate(sessions):
+                    self.kernels.bind(i, 2 + b, s.caches[i])
+            self._bound_rows = tuple(weakref.ref(s) for s in sessions)
+        self.x[:] = rows
+        for b, s in enumerate(sessions):
+            self.kernels.set_var(f"start_pos_{b}", s.position)
         self.kernels.run()
         return self.out

@@ -350,7 +350,7 @@ class Member:
 
     async def _forward(self, shard: Shard, rid: str, x: np.ndarray, frame: Frame | None = None) -> np.ndarray:
         if TRACE is None:
-            return await self.shards.compute(shard.forward, rid, x)
+            return await self.shards.forward(shard, rid, x)
         return await TRACE.forward(self.shards, shard, rid, x, frame)
 
     async def _pass_on(self, out: Link, rid: str, header: dict, tensor: np.ndarray | None = None) -> None:

@@ -30,9 +30,11 @@ class Metrics:
         self.active = Gauge("p2pinfer_active_requests", "requests entered here and not finished", registry=r)
 
     def watch(self, peers: Callable[[], int], link_bytes: Callable[[], dict[str, int]] | None = None,
-              ring_streams: Callable[[], dict[str, int]] | None = None) -> None:  # fmt: skip
-        """Read at scrape time: peers in view, bytes moved on ring links by direction, and ring streams
-        this peer opened or took again from its pool (serve/links.py)."""
+              ring_streams: Callable[[], dict[str, int]] | None = None,
+              step_rows: Callable[[], dict[str, int]] | None = None) -> None:  # fmt: skip
+        """Read at scrape time: peers in view, bytes moved on ring links by direction, ring streams this
+        peer opened or took again from its pool (serve/links.py), and decode steps by how many sessions
+        each carried (serve/shards.py)."""
         self.peers.set_function(peers)
         if link_bytes is not None:
             self.registry.register(_ReadCounter("p2pinfer_link_bytes", "bytes moved on ring links (framed streams), "
@@ -40,6 +42,9 @@ class Metrics:
         if ring_streams is not None:
             self.registry.register(_ReadCounter("p2pinfer_ring_streams", "ring streams this peer opened, or reused "
                                                 "from its pool", "how", ring_streams))  # fmt: skip
+        if step_rows is not None:
+            self.registry.register(_ReadCounter("p2pinfer_decode_steps", "decode steps this peer ran, by how "
+                                                "many sessions each carried", "sessions", step_rows))  # fmt: skip
 
 
 class _ReadCounter:

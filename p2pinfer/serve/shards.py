@@ -2,6 +2,8 @@
 
 All engine calls go through `compute`, one at a time, in a worker thread: tinygrad is not
 thread-safe, and the trio tasks reading ring streams must never wait behind a forward pass.
+Decode positions go through `forward`: those of several sessions that wait for the engine at the same
+time run as one step (Shard.forward_rows), each weight read once for all of them.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import trio
 
 from p2pinfer.config import DEFAULT_CAPACITY, Capacity
 from p2pinfer.engine import EngineError, ModelEntry, Shard
+from p2pinfer.engine.shard import MAX_ROWS
 from p2pinfer.progress import LoadProgress
 
 log = logging.getLogger("p2pinfer.shards")
@@ -29,6 +34,21 @@ class _Held:
     shard: Shard
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Row:
+    """One session's next position, waiting for the engine in a step that may carry other sessions too."""
+
+    rid: str
+    x: np.ndarray
+    done: trio.Event = field(default_factory=trio.Event)
+    result: object = None  # its output, or the exception it alone raised
+
+
+def _one_position(shard: Shard, x) -> bool:
+    shape = np.shape(x)
+    return shape == (1,) if shard.is_first else len(shape) == 2 and shape[0] == 1
 
 
 # serve/fetch.py's WeightService.prepare: make a range's weights readable here (fetched from peers) before
@@ -47,6 +67,8 @@ class ShardHost:
         self._loading: dict[ShardKey, trio.Event] = {}
         self._engine = trio.Semaphore(1)  # one engine call at a time (compute: who gives it back)
         self._released = trio.Event()  # set (and replaced) whenever a shard's last user releases it
+        self._rows: dict[Shard, list[_Row]] = {}  # decode positions waiting for the engine, per shard
+        self.step_rows: Counter[int] = Counter()  # decode steps run, by how many sessions each carried
 
     # --- what gossip says about us ---------------------------------------
     def layers(self) -> tuple[ShardKey, ...]:
@@ -85,10 +107,103 @@ class ShardHost:
         )
 
     # --- engine calls ----------------------------------------------------
+    async def forward(self, shard: Shard, rid: str, x: np.ndarray) -> np.ndarray:
+        """shard.forward(rid, x) on the engine. A decode position that finds the engine busy waits with the
+        other sessions' positions of `shard`: whichever of them gets the engine first runs them all as one
+        step (continuous batching), and each gets what it would have got alone, bit for bit."""
+        if not _one_position(shard, x) or (self._engine.value and not self._rows.get(shard)):
+            if _one_position(shard, x):
+                self.step_rows[1] += 1
+            return await self.compute(shard.forward, rid, x)
+        row = _Row(rid, x)
+        self._rows.setdefault(shard, []).append(row)
+        try:
+            if await self._engine_or_done(row):
+                if row.done.is_set():  # another session's step carried ours meanwhile
+                    self._engine.release()
+                else:
+                    await self._step(shard, self._take(shard, row))
+        finally:  # cancelled before any step took it: nobody runs it now
+            self._set_waiting(shard, [r for r in self._rows.get(shard, []) if r is not row])
+        if not row.done.is_set():
+            await row.done.wait()  # (only if our step's caller left: the delivery is already queued)
+        if isinstance(row.result, BaseException):
+            raise row.result
+        return row.result
+
+    async def _engine_or_done(self, row: _Row) -> bool:
+        """Wait until we hold the engine (True) or another step has carried `row` (False)."""
+        got = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def take() -> None:
+                    nonlocal got
+                    await self._engine.acquire()
+                    got = True
+                    nursery.cancel_scope.cancel()
+
+                async def carried() -> None:
+                    await row.done.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(take)
+                nursery.start_soon(carried)
+        except BaseException:
+            if got:
+                self._engine.release()
+            raise
+        return got
+
+    def _take(self, shard: Shard, ours: _Row) -> list[_Row]:
+        """Ours and up to MAX_ROWS - 1 others waiting for `shard`, oldest first, out of the waiting list."""
+        waiting = self._rows.get(shard, [])
+        rows = [ours] + [r for r in waiting if r is not ours][: MAX_ROWS - 1]
+        self._set_waiting(shard, [r for r in waiting if r not in rows])
+        return rows
+
+    def _set_waiting(self, shard: Shard, rows: list[_Row]) -> None:
+        if rows:
+            self._rows[shard] = rows
+        else:
+            self._rows.pop(shard, None)  # no reference left to a shard that may be evicted
+
+    async def _step(self, shard: Shard, rows: list[_Row]) -> None:
+        """One decode step for `rows` (the engine is held). Results reach every row from the worker thread,
+        so the others get theirs even if this caller is cancelled meanwhile."""
+        token = trio.lowlevel.current_trio_token()
+        self.step_rows[len(rows)] += 1
+
+        def deliver(results: list) -> None:
+            for r, res in zip(rows, results, strict=True):
+                r.result = res
+                r.done.set()
+
+        def step() -> None:
+            try:
+                results = shard.forward_rows([(r.rid, r.x) for r in rows])
+            except Exception as e:  # our bug, not one session's: every row of the step fails with it
+                log.exception("a decode step of %d sessions failed", len(rows))
+                results = [EngineError(f"decode step failed: {e!r}") for _ in rows]
+            try:
+                token.run_sync_soon(deliver, results)
+            except trio.RunFinishedError:
+                pass
+
+        def put_back() -> None:  # our caller left before the step started: the other rows wait on
+            self._set_waiting(shard, [r for r in rows[1:] if not r.done.is_set()] + self._rows.get(shard, []))
+
+        await self._call_holding_engine(step, on_abandoned=put_back)
+
     async def compute(self, fn: Callable, *args):
         """Run fn(*args) in a worker thread, one call at a time. A cancelled caller returns at once (shutdown
         must not wait seconds for a shard load): the call runs on, and holds the engine until it ends."""
         await self._engine.acquire()
+        return await self._call_holding_engine(fn, *args)
+
+    async def _call_holding_engine(self, fn: Callable, *args, on_abandoned: Callable[[], None] | None = None):
+        """fn(*args) in a worker thread while we hold the engine, which this gives back. on_abandoned runs if
+        the caller was cancelled before fn started (fn then never runs)."""
         token = trio.lowlevel.current_trio_token()
         claim = threading.Lock()
         state = {"ran": False, "done": False, "left": False}  # the thread started / ended fn; the caller left
@@ -116,8 +231,11 @@ class ShardHost:
             with claim:
                 state["left"] = True
                 ours = not state["ran"] or state["done"]
+                never_ran = not state["ran"]
             if ours:
                 self._engine.release()
+            if never_ran and on_abandoned is not None:
+                on_abandoned()
             raise
         # The caller gives the engine back, not the thread: one wake-up of the event loop per call, not two
         # (each costs tens of us after a forward has swept the caches, and a ring pays it at every hop).
