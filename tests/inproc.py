@@ -87,6 +87,9 @@ class ToyShardHost:
             await self.stall.wait()
         return fn(*args)
 
+    async def forward(self, shard, rid: str, x):  # (no batching here: the toy's calls are cheap)
+        return await self.compute(shard.forward, rid, x)
+
     def open_sessions(self) -> int:
         return sum(len(s.sessions) for s in self.shards.values())
 
