@@ -1,4 +1,4 @@
-"""Aggregate decode throughput when several clients stream at once: one peer and a 3-peer ring, each from
+"""Continuous batching: aggregate decode throughput when several clients stream at once: one peer and a 3-peer ring, each from
 this tree and (--baseline TREE, e.g. a `git archive` of the commit before a change) from another, in the
 same rounds, the order alternating. Each round sends C concurrent streamed requests (greedy, --tokens
 each) to a fresh cluster's first agent and times the whole burst.
@@ -7,7 +7,7 @@ each) to a fresh cluster's first agent and times the whole burst.
   stream tok/s median over the burst's requests of (tokens - 1) / (last chunk - first chunk)
   steps        /metrics p2pinfer_decode_steps_total summed over the cluster: sessions per decode step
 
-Run: python benchmarks/concurrent.py [--clients 1 4 8] [--peers 1 3] [--tokens 64] [--rounds 3]
+Run: python benchmarks/batching.py [--clients 1 4 8] [--peers 1 3] [--tokens 64] [--rounds 3]
                                      [--baseline TREE]
 """
 
