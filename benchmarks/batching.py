@@ -1,14 +1,14 @@
-"""Continuous batching: aggregate decode throughput when several clients stream at once: one peer and a 3-peer ring, each from
-this tree and (--baseline TREE, e.g. a `git archive` of the commit before a change) from another, in the
-same rounds, the order alternating. Each round sends C concurrent streamed requests (greedy, --tokens
-each) to a fresh cluster's first agent and times the whole burst.
+"""Continuous batching: aggregate decode throughput when several clients stream at once, on one peer and
+on a 3-peer ring, each from this tree and (--baseline TREE, e.g. a `git archive` of the commit before a
+change) from another, in the same rounds, the order alternating. Each round sends C concurrent streamed
+requests (greedy, --tokens each) to a fresh cluster's first agent and times the whole burst.
 
   agg tok/s    completion tokens of the burst / its wall time (first request sent -> last chunk)
   stream tok/s median over the burst's requests of (tokens - 1) / (last chunk - first chunk)
   steps        /metrics p2pinfer_decode_steps_total summed over the cluster: sessions per decode step
 
 Run: python benchmarks/batching.py [--clients 1 4 8] [--peers 1 3] [--tokens 64] [--rounds 3]
-                                     [--baseline TREE]
+                                    [--baseline TREE]
 """
 
 from __future__ import annotations
