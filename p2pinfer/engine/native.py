@@ -108,9 +108,8 @@ def _params(qt, slots: list[str]) -> str:
     return ", ".join(_PARAM_TYPES.get(s, qs) for s in slots) + ", const int core_id"
 
 
-def c_source(name: str, qt, n: int, k: int, slots: list[str], slices: int) -> str:
-    """C source of `name`: y[N] = W[N, K] x[K] for rows of slice core_id of `slices`."""
-    nb, rows = k // 32, ROWS[qt]
+def _opening(name: str, qt, n: int, slots: list[str], slices: int) -> list[str]:
+    """A matmul kernel's first lines: the prelude, its signature, the nibble table, slice core_id's rows."""
     lines = [
         "#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif",
         _PRELUDE,
@@ -122,6 +121,13 @@ def c_source(name: str, qt, n: int, k: int, slots: list[str], slices: int) -> st
     lines.append(
         f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});"
     )
+    return lines
+
+
+def c_source(name: str, qt, n: int, k: int, slots: list[str], slices: int) -> str:
+    """C source of `name`: y[N] = W[N, K] x[K] for rows of slice core_id of `slices`."""
+    nb, rows = k // 32, ROWS[qt]
+    lines = _opening(name, qt, n, slots, slices)
     if qt == Q.Q4_1:  # the min's contribution is m * sum(x over the block): sums computed once per call
         lines.append(f"  float xs[{nb}];")
         lines.append(
@@ -175,17 +181,7 @@ ROWS_MAX_T = 8
 def c_source_rows(name: str, qt, n: int, k: int, t: int, slots: list[str], slices: int) -> str:
     """C source of `name`: y[T, N] = x[T, K] W[N, K]^T for rows of slice core_id, each row of x as c_source."""
     nb = k // 32
-    lines = [
-        "#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif",
-        _PRELUDE,
-        f"void {name}({_params(qt, slots)}) {{",
-    ]
-    if qt in _TABLE:
-        vals = ", ".join(f"{i + _TABLE[qt]}.0f" for i in range(16))
-        lines.append(f"#if defined(__AVX512F__)\n  const __m512 tbl = _mm512_setr_ps({vals});\n#endif")
-    lines.append(
-        f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});"
-    )
+    lines = _opening(name, qt, n, slots, slices)
     if qt == Q.Q4_1:
         lines.append(f"  float xs[{t}][{nb}];")
         lines.append(
@@ -266,17 +262,7 @@ def c_source_batched(name: str, qt, n: int, k: int, t: int, slots: list[str], sl
     """C source of `name`: y[T, N] = x[T, K] W[N, K]^T for the rows (N) of slice core_id of `slices`:
     BROWS weight rows x TILE rows of x per pass (each x load serves BROWS rows, each dequantised block TILE)."""
     nb = k // 32
-    lines = [
-        "#if defined(__AVX512F__)\n#include <immintrin.h>\n#endif",
-        _PRELUDE,
-        f"void {name}({_params(qt, slots)}) {{",
-    ]
-    if qt in _TABLE:
-        vals = ", ".join(f"{i + _TABLE[qt]}.0f" for i in range(16))
-        lines.append(f"#if defined(__AVX512F__)\n  const __m512 tbl = _mm512_setr_ps({vals});\n#endif")
-    lines.append(
-        f"  const int r0 = (int)(((long)core_id * {n}) / {slices}), r1 = (int)(((long)(core_id + 1) * {n}) / {slices});"
-    )
+    lines = _opening(name, qt, n, slots, slices)
     lines.append("  int r = r0;")
 
     def dequant(j: int) -> list[str]:
