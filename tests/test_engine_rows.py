@@ -64,6 +64,7 @@ def _decode(shards: list[Shard], prompts: list[list[int]], rows: bool) -> list[l
 def test_rows_equal_each_session_alone_bit_for_bit(entry, prompts, split):
     bounds = [0, *split]
     shards = [Shard.load(entry, a, b, max_context=512, warm=False) for a, b in itertools.pairwise(bounds)]
+    assert all(sh.rows_exact for sh in shards)  # Q4_1 matrices, a Q8_0 head
     try:
         for n in (2, 3, len(prompts)):  # 3: a step with a spare row
             alone = _decode(shards, prompts[:n], rows=False)
@@ -110,5 +111,27 @@ def test_steps_of_different_sessions_alternate_on_one_plan(entry, prompts):
                 together = sh.forward_rows([(sid, one) for sid in g])
                 for sid, y in zip(g, together, strict=True):
                     assert np.array_equal(sh.forward(sid + "-alone", one), y), sid
+    finally:
+        sh.close()
+
+
+def test_without_exact_row_kernels_sessions_step_one_by_one(tmp_path):
+    """Float matrices (as K-quants) have no native kernel for a few rows: tinygrad's may sum a row of
+    several in another order, so forward_rows runs the sessions one by one, and still answers alike."""
+    from p2pinfer.engine.synth import write_synthetic_gguf
+
+    write_synthetic_gguf(tmp_path / "f16" / "synth-f16.gguf", qtype="F16", seed=3, layers=2, hidden=64, ffn=128,
+                         heads=4, kv_heads=2, context=256)  # fmt: skip
+    entry = ModelCatalog([tmp_path / "f16"], include_embedded=False).get("synth-f16")
+    sh = Shard.load(entry, 0, 2, max_context=128, warm=False)
+    try:
+        assert sh.rows_exact is False
+        for sid in ("a", "b", "a-alone", "b-alone"):
+            sh.open_session(sid, 16)
+            sh.forward(sid, np.asarray([1, 2, 3]))
+        one = np.asarray([4], dtype=np.int64)
+        together = sh.forward_rows([("a", one), ("b", one)])
+        assert np.array_equal(together[0], sh.forward("a-alone", one))
+        assert np.array_equal(together[1], sh.forward("b-alone", one))
     finally:
         sh.close()

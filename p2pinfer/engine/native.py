@@ -178,6 +178,11 @@ def c_source(name: str, qt, n: int, k: int, slots: list[str], slices: int) -> st
 ROWS_MAX_T = 8
 
 
+def rows_exact(qt) -> bool:
+    """A matmul of this weight type over a few rows gives each row exactly its T=1 result (c_source_rows)."""
+    return qt in _BLOCK and available()
+
+
 def c_source_rows(name: str, qt, n: int, k: int, t: int, slots: list[str], slices: int) -> str:
     """C source of `name`: y[T, N] = x[T, K] W[N, K]^T for rows of slice core_id, each row of x as c_source."""
     nb = k // 32

@@ -168,9 +168,23 @@ class Shard:
             for t in (1, self.prefill_chunk)
         }
         self._plans: dict[int, _StepPlan] = {}
+        self.rows_exact = self._every_matrix_has_rows_kernel()
         self._v_start = UOp.variable("start_pos", 0, self.max_context)
         self._v_last = UOp.variable("last_row", 0, self.prefill_chunk - 1)
         self._v_starts = [UOp.variable(f"start_pos_{b}", 0, self.max_context) for b in range(MAX_ROWS)]
+
+    def _every_matrix_has_rows_kernel(self) -> bool:
+        """A step of several sessions gives each exactly what it gets alone only where every matrix has a
+        native kernel for a few rows (Q4_0, Q4_1, Q8_0): tinygrad's own kernels (K-quants, float matrices)
+        may sum a row of several in another order than a row alone."""
+        from . import native, quant
+
+        mats = [v for w in self._layers for v in w.values()]
+        if self.is_last:
+            mats.append(self._stack.lm_head)
+        return quant.USE_NATIVE and all(
+            native.rows_exact(v.ggml_type) if isinstance(v, QTensor) else len(v.shape) < 2 for v in mats
+        )
 
     def kv_bytes_for(self, capacity: int) -> int:
         return (self.end - self.start) * self.entry.kv_bytes_per_token_per_layer * (capacity + self.prefill_chunk)
@@ -409,8 +423,9 @@ class Shard:
     def forward_rows(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray | EngineError]:
         """One decode step for several sessions: items are (session, its next position: one token id on the
         first shard, a (1, hidden) row after). Each weight is read once for all of them, and each session's
-        output equals, bit for bit, what forward would return for it alone. Returns per item its output (as
-        forward's) or the EngineError that item alone raised (unknown session, context full, bad input)."""
+        output equals, bit for bit, what forward would return for it alone (where a matrix has no exact kernel
+        for several rows, `rows_exact` is False and the sessions run one by one). Returns per item its output
+        (as forward's) or the EngineError that item alone raised (unknown session, context full, bad input)."""
         results: list = [None] * len(items)
         groups: dict[int, list[tuple[int, _Session, np.ndarray]]] = {}
         seen: set[str] = set()
@@ -432,11 +447,15 @@ class Shard:
         for capacity, group in groups.items():  # a plan's KV length is fixed: one step per capacity class
             for lo in range(0, len(group), MAX_ROWS):
                 part = group[lo : lo + MAX_ROWS]
-                if len(part) == 1:
+                if len(part) == 1 or not self.rows_exact:  # one by one, as forward does
                     plan = self._plan(1, capacity)
-                else:
-                    plan = self._rows_plan(next(r for r in ROW_PLANS if r >= len(part)), capacity)
-                spare = [part[0]] * (max(plan.rows, 1) - len(part))
+                    for n, s, h in part:
+                        out = plan.run(s, h)
+                        s.position += 1
+                        results[n] = out.reshape(-1).copy() if self.is_last else out.reshape(1, -1).copy()
+                    continue
+                plan = self._rows_plan(next(r for r in ROW_PLANS if r >= len(part)), capacity)
+                spare = [part[0]] * (plan.rows - len(part))
                 out = plan.run_rows([s for _, s, _ in part + spare], np.concatenate([h for _, _, h in part + spare]))
                 for b, (n, s, _) in enumerate(part):
                     s.position += 1
